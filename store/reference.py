@@ -43,7 +43,10 @@ class Reference:
                 raise ReferenceError_(f"invalid tag in reference {text!r}")
         parts = name.split("/")
         if len(parts) > 1 and (
-            "." in parts[0] or ":" in parts[0] or parts[0] == "localhost" or parts[0].startswith("[")
+            "." in parts[0]
+            or ":" in parts[0]
+            or parts[0] == "localhost"
+            or parts[0].startswith("[")
         ):
             registry, path = parts[0], parts[1:]
             if not _HOST.match(registry):

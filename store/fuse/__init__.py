@@ -1,0 +1,1 @@
+"""The FUSE front: a thin translation of kernel requests onto the store's namespace."""

@@ -1,0 +1,133 @@
+"""Inode numbers for the ALS namespace, with no pyfuse3 dependency.
+
+    1                       the mount root
+    <base64(ref)>           one inode per reference name seen
+      <key>                 one inode per resolved layer path, then `info` (+1), `blob` (+2)
+        diff/...            a contiguous range per RemoteLayer: base + DiffView node id
+
+A layer reached through several paths (both key kinds, several tags) keeps one inode range,
+so the same file has the same inode wherever it is seen. Numbers are never reused while
+mounted: the kernel may hold on to any of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import threading
+from dataclasses import dataclass
+from typing import NewType
+
+from store.layer import RemoteLayer
+from store.resolver import LayerHandle
+
+Inode = NewType("Inode", int)
+ROOT_INODE = Inode(1)
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    REF = "ref"
+    KEY = "key"
+    INFO = "info"
+    BLOB = "blob"
+    DIFF = "diff"
+
+
+@dataclass(frozen=True, slots=True)
+class RefNode:
+    name: str  # the base64 directory name
+    ref: str  # decoded reference
+
+
+@dataclass(frozen=True, slots=True)
+class KeyNode:
+    ref_inode: Inode
+    handle: LayerHandle
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    kind: Kind
+    ref: RefNode | None = None
+    key: KeyNode | None = None
+    layer: RemoteLayer | None = None
+    node_id: int = 0  # DiffView node for DIFF
+
+
+class Namespace:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 2
+        self._refs: dict[int, RefNode] = {}
+        self._ref_by_name: dict[str, Inode] = {}
+        self._keys: dict[int, KeyNode] = {}
+        self._key_by_path: dict[tuple[str, str], Inode] = {}
+        self._layer_base: dict[int, int] = {}  # id(layer) -> base inode
+        self._ranges: list[tuple[int, int, RemoteLayer]] = []  # (base, end, layer), sorted
+
+    def _alloc(self, count: int) -> int:
+        base = self._next
+        self._next += count
+        return base
+
+    def ref_inode(self, name: str, ref: str) -> Inode:
+        with self._lock:
+            ino = self._ref_by_name.get(name)
+            if ino is None:
+                ino = Inode(self._alloc(1))
+                self._ref_by_name[name] = ino
+                self._refs[ino] = RefNode(name, ref)
+            return ino
+
+    def key_inode(self, ref_inode: Inode, handle: LayerHandle) -> Inode:
+        ref_name = self._refs[ref_inode].name
+        with self._lock:
+            ino = self._key_by_path.get((ref_name, handle.key))
+            if ino is None:
+                ino = Inode(self._alloc(3))  # key dir, info, blob
+                self._key_by_path[(ref_name, handle.key)] = ino
+                self._keys[ino] = KeyNode(ref_inode, handle)
+            layer = handle.layer
+            if id(layer) not in self._layer_base:
+                base = self._alloc(layer.view.node_count)
+                self._layer_base[id(layer)] = base
+                bisect.insort(
+                    self._ranges, (base, base + layer.view.node_count, layer), key=lambda r: r[0]
+                )
+            return ino
+
+    def diff_inode(self, layer: RemoteLayer, node_id: int) -> Inode:
+        return Inode(self._layer_base[id(layer)] + node_id)
+
+    def key_children(self, ref_inode: Inode) -> list[tuple[str, Inode]]:
+        name = self._refs[ref_inode].name
+        with self._lock:
+            return sorted((k, i) for (r, k), i in self._key_by_path.items() if r == name)
+
+    def ref_children(self) -> list[tuple[str, Inode]]:
+        with self._lock:
+            return sorted(self._ref_by_name.items())
+
+    def find_key(self, ref_inode: Inode, key: str) -> Inode | None:
+        name = self._refs[ref_inode].name
+        with self._lock:
+            return self._key_by_path.get((name, key))
+
+    def locate(self, inode: int) -> Located | None:
+        if inode == ROOT_INODE:
+            return Located(Kind.ROOT)
+        with self._lock:
+            ref = self._refs.get(inode)
+            if ref is not None:
+                return Located(Kind.REF, ref=ref)
+            for offset, kind in ((0, Kind.KEY), (1, Kind.INFO), (2, Kind.BLOB)):
+                key = self._keys.get(inode - offset)
+                if key is not None:
+                    return Located(kind, key=key)
+            i = bisect.bisect_right(self._ranges, inode, key=lambda r: r[0]) - 1
+            if i >= 0:
+                base, end, layer = self._ranges[i]
+                if base <= inode < end:
+                    return Located(Kind.DIFF, layer=layer, node_id=inode - base)
+        return None
