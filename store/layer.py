@@ -20,7 +20,8 @@ import structlog
 
 from store.chunkcache import ChunkCache
 from store.diffview import DiffView
-from store.errors import FormatError
+from store.digest import Verifier
+from store.errors import DigestMismatch, FormatError
 from store.estargz import Chunk, Toc, TocEntry, decode_chunk, open_toc
 from store.singleflight import SingleFlight
 
@@ -138,7 +139,9 @@ class RemoteLayer:
             return self._blob_path
         algo, hexpart = self.source.digest.split(":", 1)
         path = self.blob_dir / f"{algo}-{hexpart}"
-        if not (path.exists() and path.stat().st_size == self.source.size):
+        if path.exists() and not self._verified_on_disk(path):
+            path.unlink()  # torn or corrupted since it was written: fetch it again
+        if not path.exists():
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
@@ -153,6 +156,21 @@ class RemoteLayer:
         self._blob_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._blob_path = path
         return path
+
+    def _verified_on_disk(self, path: Path) -> bool:
+        """A blob kept from an earlier run is trusted only after its digest checks out."""
+        if path.stat().st_size != self.source.size:
+            return False
+        verifier = Verifier(self.source.digest, what=f"blob {self.source.digest}")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                verifier.update(block)
+        try:
+            verifier.check()
+        except DigestMismatch:
+            log.warning("blob.cache_corrupt", digest=self.source.digest, path=str(path))
+            return False
+        return True
 
     def stats(self) -> LayerStats:
         with self._lock:

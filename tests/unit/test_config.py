@@ -42,3 +42,8 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_shipped_example_is_valid_and_documents_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[2] / "contrib" / "config.toml"
+    assert config.load(example) == config.Config()
