@@ -1,0 +1,618 @@
+"""The parsed, normalised eStargz TOC (``stargz.index.json``) and its filesystem tree.
+
+Field rules follow estargz-format.md §3.3, the reader algorithm §3.5. Everything that
+does not fit raises TocError; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from store.digest import is_digest
+from store.errors import TocError
+
+__all__ = [
+    "Chunk",
+    "TocEntry",
+    "Node",
+    "Toc",
+    "parse_toc_json",
+    "normalize_name",
+    "ROOT_ID",
+    "TOC_NAME",
+    "PREFETCH_LANDMARK",
+    "NO_PREFETCH_LANDMARK",
+    "LANDMARK_CONTENT",
+    "ENTRY_TYPES",
+]
+
+TOC_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+LANDMARK_CONTENT = b"\x0f"  # §7: one byte 0x0F
+ROOT_ID = 0
+ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo"})
+
+_INT64_MAX = (1 << 63) - 1
+_UINT32_MAX = (1 << 32) - 1
+_GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_CHILDREN: Mapping[str, int] = MappingProxyType({})
+
+
+class _ReadOnlyDict(dict[str, bytes]):
+    """The shared empty xattrs of parsed entries: saves a dict per entry, refuses writes."""
+
+    __slots__ = ()
+
+    def _readonly(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("parsed TOC xattrs are read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _readonly  # type: ignore[assignment]
+    update = setdefault = pop = popitem = clear = _readonly  # type: ignore[assignment]
+
+
+_NO_XATTRS: dict[str, bytes] = _ReadOnlyDict()
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One verifiable piece of a regular file (a ``reg`` or ``chunk`` TOC entry)."""
+
+    file_offset: int  # chunkOffset: where the chunk starts inside the file
+    size: int  # uncompressed size, resolved (§3.5 steps 2-3); > 0
+    blob_offset: int  # start of the gzip member holding the chunk
+    blob_end: int  # upper bound of compressed bytes to fetch ("nextOffset", §3.5 step 7)
+    inner_offset: int  # uncompressed bytes to skip after blob_offset (§3.6)
+    digest: str | None  # chunkDigest, or the file digest for an un-chunked file (§6.3)
+
+
+@dataclass(slots=True)
+class TocEntry:
+    """One non-chunk TOC entry with defaults applied (§3.3: every field is omitempty)."""
+
+    name: str  # normalised path, '' is the root
+    type: str  # one of ENTRY_TYPES
+    size: int = 0
+    mode: int = 0  # permission bits incl. setuid/setgid/sticky only (& 0o7777)
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    link_name: str = ""  # symlink: target verbatim; hardlink: normalised target path
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    user_name: str = ""
+    group_name: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A filesystem object. Hardlinked names share one node (and its entry)."""
+
+    id: int
+    entry: TocEntry
+    parent: int  # for directories the containing directory; the root is its own parent
+    children: dict[str, int] | None  # name -> node id, in TOC order; None unless a directory
+    nlink: int
+
+
+def normalize_name(name: str) -> str:
+    """Normalise a TOC/tar path: './x', '/x', 'a//x' -> 'x'; root -> ''.
+
+    Unlike the reference reader, which clamps '../x' to 'x' (§3.3), a '..' that would leave
+    the root is rejected: such a name never comes from a sane tar.
+    """
+    if "\x00" in name:
+        raise TocError(f"NUL byte in name {name!r}")
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise TocError(f"name escapes the root: {name!r}")
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
+class Toc:
+    """Entries in TOC order plus the directory tree built from them (§3.5)."""
+
+    __slots__ = ("entries", "toc_offset", "landmark", "prefetch_end", "fully_verifiable", "_nodes")
+
+    def __init__(
+        self,
+        entries: list[TocEntry],
+        nodes: list[Node],
+        *,
+        toc_offset: int,
+        landmark: str | None,
+        prefetch_end: int | None,
+        fully_verifiable: bool,
+    ) -> None:
+        self.entries = entries
+        self.toc_offset = toc_offset
+        self.landmark = landmark  # 'prefetch', 'no-prefetch' or None (§7)
+        self.prefetch_end = prefetch_end  # blob offset of .prefetch.landmark, if it governs
+        self.fully_verifiable = fully_verifiable  # every data chunk has a digest (§6.5)
+        self._nodes = nodes
+
+    @classmethod
+    def parse(cls, data: bytes, *, toc_offset: int) -> Toc:
+        return parse_toc_json(data, toc_offset=toc_offset)
+
+    def __len__(self) -> int:
+        """Number of non-chunk TOC entries (including ones a later entry replaced)."""
+        return len(self.entries)
+
+    @property
+    def node_count(self) -> int:
+        return len(self._nodes)
+
+    def node(self, node_id: int) -> Node:
+        if not 0 <= node_id < len(self._nodes):
+            raise KeyError(node_id)
+        return self._nodes[node_id]
+
+    def children(self, node_id: int) -> Mapping[str, int]:
+        """Name -> node id of a directory, in TOC order; empty for non-directories."""
+        children = self.node(node_id).children
+        return _NO_CHILDREN if children is None else children
+
+    def lookup(self, path: str) -> int | None:
+        """Node id for *path* ('' or '/' is the root), or None if it does not exist."""
+        node = self._nodes[ROOT_ID]
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if node.children is None or part == "..":
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = self._nodes[child]
+        return node.id
+
+    def chunk_index_for(self, node_or_entry: Node | TocEntry, file_offset: int) -> int:
+        """Index of the chunk containing *file_offset*; IndexError outside ``[0, size)``."""
+        entry = _entry_of(node_or_entry)
+        if entry.type != "reg" or not 0 <= file_offset < entry.size:
+            raise IndexError(f"offset {file_offset} outside {entry.name!r} (size {entry.size})")
+        return bisect_right(entry.chunks, file_offset, key=_chunk_start) - 1
+
+    def chunk_range(self, node_or_entry: Node | TocEntry, offset: int, length: int) -> range:
+        """Indexes of the chunks overlapping ``[offset, offset+length)``, clamped to the file."""
+        entry = _entry_of(node_or_entry)
+        end = min(offset + length, entry.size)
+        if entry.type != "reg" or length <= 0 or offset < 0 or offset >= end:
+            return range(0)
+        first = self.chunk_index_for(entry, offset)
+        last = self.chunk_index_for(entry, end - 1)
+        return range(first, last + 1)
+
+
+def _entry_of(node_or_entry: Node | TocEntry) -> TocEntry:
+    return node_or_entry.entry if isinstance(node_or_entry, Node) else node_or_entry
+
+
+def _chunk_start(chunk: Chunk) -> int:
+    return chunk.file_offset
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_toc_json(data: bytes, *, toc_offset: int) -> Toc:
+    """Parse TOC JSON bytes (already digest-checked by the caller) into a Toc.
+
+    *toc_offset* is the blob offset of the TOC member: it bounds the last data chunk
+    (``blob_end``) and every data offset must lie below it.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise TocError(f"TOC is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise TocError("TOC JSON is not an object")
+    version = doc.get("version")
+    if type(version) is not int or version != 1:
+        raise TocError(f"unsupported TOC version {version!r}")
+    raw_entries = doc.get("entries")
+    if raw_entries is None:
+        raw_entries = []
+    if not isinstance(raw_entries, list):
+        raise TocError("TOC 'entries' is not a list")
+    return _Parser(toc_offset).run(raw_entries)
+
+
+class _Parser:
+    def __init__(self, toc_offset: int) -> None:
+        if toc_offset < 0:
+            raise TocError(f"negative TOC offset {toc_offset}")
+        self.toc_offset = toc_offset
+        self.entries: list[TocEntry] = []
+        self.data_chunks: list[Chunk] = []  # every data chunk in TOC order, for blob_end
+        self.user_names: dict[int, str] = {}
+        self.group_names: dict[int, str] = {}
+        self.mtimes: dict[str, int] = {}
+        self.ints: dict[int, int] = {}  # one object per distinct mode/uid/gid value
+        self.tree = _TreeBuilder()
+        # The reg entry whose chunk list is still open, with its raw chunk specs.
+        self.open_reg: TocEntry | None = None
+        self.open_specs: list[_ChunkSpec] = []
+        self.last_type = ""
+
+    def run(self, raw_entries: list[Any]) -> Toc:
+        for index, raw in enumerate(raw_entries):
+            try:
+                self.add(raw)
+            except TocError as exc:
+                raise TocError(f"TOC entry {index}: {exc}") from None
+        self.close_reg()
+        _resolve_blob_ends(self.data_chunks, self.toc_offset)
+        nodes = self.tree.finish()
+        landmark, prefetch_end = _landmark(nodes)
+        verifiable = all(c.digest is not None for c in self.data_chunks)
+        return Toc(
+            self.entries,
+            nodes,
+            toc_offset=self.toc_offset,
+            landmark=landmark,
+            prefetch_end=prefetch_end,
+            fully_verifiable=verifiable,
+        )
+
+    def add(self, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            raise TocError("entry is not an object")
+        etype = _str(raw, "type")
+        if etype == "chunk":
+            # §3.5 step 2: a chunk belongs to the last non-chunk entry; its name is ignored.
+            if self.open_reg is None:
+                raise TocError(f"'chunk' entry does not follow a 'reg' entry ({self.last_type!r})")
+            self.open_specs.append(_ChunkSpec.parse(raw))
+            return
+        if etype not in ENTRY_TYPES:
+            raise TocError(f"unknown entry type {etype!r}")
+        self.close_reg()
+        self.last_type = etype
+        entry = self.make_entry(raw, etype)
+        self.entries.append(entry)
+        self.tree.add(entry)
+        if etype == "reg":
+            self.open_reg = entry
+            self.open_specs = [_ChunkSpec.parse(raw)]
+
+    def make_entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
+        name = normalize_name(_text(raw, "name"))
+        intern = self.ints.setdefault
+        uid = intern(v := _int(raw, "uid", _UINT32_MAX), v)
+        gid = intern(v := _int(raw, "gid", _UINT32_MAX), v)
+        # §3.3 userName/groupName are de-duplicated by the writer: remember id -> name.
+        user_name = _str(raw, "userName")
+        if user_name:
+            self.user_names[uid] = user_name
+        else:
+            user_name = self.user_names.get(uid, "")
+        group_name = _str(raw, "groupName")
+        if group_name:
+            self.group_names[gid] = group_name
+        else:
+            group_name = self.group_names.get(gid, "")
+        link_name = _text(raw, "linkName")
+        if etype == "hardlink":
+            link_name = normalize_name(link_name)
+        if etype in ("symlink", "hardlink") and not link_name:
+            raise TocError(f"{etype} {name!r} has no linkName")
+        digest = _str(raw, "digest") or None
+        if digest is not None and not is_digest(digest):
+            raise TocError(f"invalid digest {digest[:80]!r}")
+        return TocEntry(
+            name=name,
+            type=etype,
+            size=_int(raw, "size") if etype == "reg" else 0,
+            mode=intern(v := _int(raw, "mode") & 0o7777, v),  # §3.3: type comes from 'type'
+            uid=uid,
+            gid=gid,
+            mtime_ns=self.mtime(_str(raw, "modtime")),
+            link_name=link_name,
+            dev_major=_int(raw, "devMajor", _UINT32_MAX),
+            dev_minor=_int(raw, "devMinor", _UINT32_MAX),
+            xattrs=_xattrs(raw.get("xattrs")),
+            digest=digest,
+            user_name=user_name,
+            group_name=group_name,
+        )
+
+    def mtime(self, text: str) -> int:
+        # Layers repeat a handful of timestamps; parse each distinct string once.
+        cached = self.mtimes.get(text)
+        if cached is None:
+            cached = self.mtimes[text] = _parse_modtime(text)
+        return cached
+
+    def close_reg(self) -> None:
+        entry, specs = self.open_reg, self.open_specs
+        if entry is None:
+            return
+        self.open_reg, self.open_specs = None, []
+        try:
+            entry.chunks = _resolve_chunks(entry, specs, self.toc_offset)
+        except TocError as exc:
+            raise TocError(f"{entry.name!r}: {exc}") from None
+        self.data_chunks.extend(entry.chunks)
+
+
+@dataclass(slots=True)
+class _ChunkSpec:
+    file_offset: int
+    size: int  # 0 = "to the next chunk / end of file"
+    blob_offset: int
+    inner_offset: int
+    digest: str | None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> _ChunkSpec:
+        digest = _str(raw, "chunkDigest") or None
+        if digest is not None and not is_digest(digest):
+            raise TocError(f"invalid chunkDigest {digest[:80]!r}")
+        return cls(
+            file_offset=_int(raw, "chunkOffset"),
+            size=_int(raw, "chunkSize"),
+            blob_offset=_int(raw, "offset"),
+            inner_offset=_int(raw, "innerOffset"),
+            digest=digest,
+        )
+
+
+def _resolve_chunks(entry: TocEntry, specs: list[_ChunkSpec], toc_offset: int) -> list[Chunk]:
+    if entry.size == 0:
+        if len(specs) > 1:
+            raise TocError("empty file has chunk entries")
+        return []
+    chunks: list[Chunk] = []
+    pos = 0
+    for i, spec in enumerate(specs):
+        if spec.file_offset != pos:
+            raise TocError(f"chunk at file offset {spec.file_offset}, expected {pos}")
+        size = spec.size
+        if size == 0:
+            # §3.3 chunkSize: absent on the final partial chunk ("to end of file").
+            end = specs[i + 1].file_offset if i + 1 < len(specs) else entry.size
+            size = end - spec.file_offset
+        if size <= 0:
+            raise TocError(f"chunk at file offset {pos} has size {size}")
+        if spec.blob_offset == 0 and spec.inner_offset == 0:
+            # Member 0 always starts with a tar header, never with a payload (§2.2).
+            raise TocError(f"chunk at file offset {pos} has no blob offset")
+        if spec.blob_offset >= toc_offset:
+            raise TocError(f"chunk blob offset {spec.blob_offset} not below the TOC")
+        digest = spec.digest
+        if digest is None and len(specs) == 1:
+            digest = entry.digest  # §6.3: un-chunked file without chunkDigest
+        elif digest is not None and digest == entry.digest:
+            digest = entry.digest  # share one string object
+        if size == entry.size:
+            size = entry.size  # share the int object of an un-chunked file
+        chunks.append(Chunk(pos, size, spec.blob_offset, 0, spec.inner_offset, digest))
+        pos += size
+    if pos != entry.size:
+        raise TocError(f"chunks cover {pos} bytes, file size is {entry.size}")
+    return chunks[:]  # an exact-size copy: no over-allocated list per file
+
+
+def _resolve_blob_ends(chunks: list[Chunk], toc_offset: int) -> None:
+    # §3.5 step 7, walking backwards; the TOC member bounds the last data member.
+    last = toc_offset
+    for chunk in reversed(chunks):
+        if last <= chunk.blob_offset:
+            raise TocError(
+                f"data offsets not increasing: member at {chunk.blob_offset} is followed by {last}"
+            )
+        chunk.blob_end = last
+        if chunk.inner_offset == 0:
+            last = chunk.blob_offset
+
+
+def _landmark(nodes: list[Node]) -> tuple[str | None, int | None]:
+    root_children = nodes[ROOT_ID].children or {}
+    if NO_PREFETCH_LANDMARK in root_children:
+        return "no-prefetch", None
+    node_id = root_children.get(PREFETCH_LANDMARK)
+    if node_id is None:
+        return None, None
+    chunks = nodes[node_id].entry.chunks
+    return "prefetch", (chunks[0].blob_offset if chunks else None)
+
+
+# ---------------------------------------------------------------------------- tree
+
+
+class _TreeBuilder:
+    """Builds the node table; §3.5 steps 5-6 (implicit parents, replacement, link counts)."""
+
+    def __init__(self) -> None:
+        root = TocEntry(name="", type="dir", mode=0o755)
+        self.nodes: list[Node] = [Node(ROOT_ID, root, ROOT_ID, {}, 0)]
+        self.dead: set[int] = set()  # ids of nodes that lost their last name
+
+    def add(self, entry: TocEntry) -> None:
+        if entry.name == "":
+            # './' or '/': metadata for the root itself, never a child of itself.
+            if entry.type != "dir":
+                raise TocError(f"root entry has type {entry.type!r}")
+            self.nodes[ROOT_ID].entry = entry
+            return
+        parent_path, _, base = entry.name.rpartition("/")
+        parent = self.ensure_dir(parent_path)
+        assert parent.children is not None
+        old_id = parent.children.get(base)
+        if entry.type == "hardlink":
+            target_id = self.lookup(entry.link_name)
+            if target_id is None:
+                raise TocError(f"hardlink {entry.name!r} to missing {entry.link_name!r}")
+            target = self.nodes[target_id]
+            if target.children is not None:
+                raise TocError(f"hardlink {entry.name!r} to directory {entry.link_name!r}")
+            if old_id == target_id:
+                return
+            if old_id is not None:
+                self.unlink(old_id)
+            parent.children[base] = target_id
+            target.nlink += 1
+            return
+        if old_id is not None:
+            old = self.nodes[old_id]
+            if entry.type == "dir" and old.children is not None:
+                old.entry = entry  # a dir entry listed after its children keeps them
+                return
+            self.unlink(old_id)
+        is_dir = entry.type == "dir"
+        node = Node(len(self.nodes), entry, parent.id, {} if is_dir else None, 0 if is_dir else 1)
+        self.nodes.append(node)
+        parent.children[base] = node.id  # replacing keeps the name's position
+
+    def ensure_dir(self, path: str) -> Node:
+        node = self.nodes[ROOT_ID]
+        if not path:
+            return node
+        parts = path.split("/")
+        for depth, part in enumerate(parts):
+            assert node.children is not None
+            child_id = node.children.get(part)
+            if child_id is None:
+                synthetic = TocEntry(name="/".join(parts[: depth + 1]), type="dir", mode=0o755)
+                child = Node(len(self.nodes), synthetic, node.id, {}, 0)
+                self.nodes.append(child)
+                node.children[part] = child.id
+                node = child
+                continue
+            node = self.nodes[child_id]
+            if node.children is None:
+                raise TocError(f"parent {'/'.join(parts[: depth + 1])!r} is not a directory")
+        return node
+
+    def lookup(self, path: str) -> int | None:
+        node = self.nodes[ROOT_ID]
+        for part in path.split("/") if path else ():
+            if node.children is None:
+                return None
+            child_id = node.children.get(part)
+            if child_id is None:
+                return None
+            node = self.nodes[child_id]
+        return node.id
+
+    def unlink(self, node_id: int) -> None:
+        node = self.nodes[node_id]
+        if node.children:
+            raise TocError(f"{node.entry.name!r} replaces a non-empty directory")
+        if node.children is None:
+            node.nlink -= 1  # other hardlinked names keep the node alive
+            if node.nlink > 0:
+                return
+        self.dead.add(node_id)
+
+    def finish(self) -> list[Node]:
+        nodes = self.nodes
+        if self.dead:
+            nodes = self._compact()
+        for node in nodes:
+            if node.children is not None:
+                # §3.5 step 6: self + parent, +1 for each subdirectory's '..'.
+                node.nlink = 2 + sum(
+                    1 for c in node.children.values() if nodes[c].children is not None
+                )
+        return nodes
+
+    def _compact(self) -> list[Node]:
+        # Replaced nodes leave holes; renumber so ids stay dense (0..n-1) and stable.
+        alive = [n for n in self.nodes if n.id not in self.dead]
+        new_id = {n.id: i for i, n in enumerate(alive)}
+        for node in alive:
+            node.id = new_id[node.id]
+            node.parent = new_id.get(node.parent, ROOT_ID)
+            if node.children is not None:
+                node.children = {k: new_id[v] for k, v in node.children.items()}
+        return alive
+
+
+# ---------------------------------------------------------------------------- fields
+
+
+def _int(raw: dict[str, Any], key: str, maximum: int = _INT64_MAX) -> int:
+    value = raw.get(key)
+    if value is None:  # omitempty (§3.2)
+        return 0
+    # bool is an int subclass in Python; JSON true is not a number.
+    if type(value) is not int:
+        raise TocError(f"{key!r} is not an integer: {value!r:.80}")
+    if not 0 <= value <= maximum:
+        raise TocError(f"{key!r} out of range: {value}")
+    return value
+
+
+def _str(raw: dict[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if type(value) is not str:
+        raise TocError(f"{key!r} is not a string: {value!r:.80}")
+    return value
+
+
+def _text(raw: dict[str, Any], key: str) -> str:
+    """A string that must map to real path bytes (no lone surrogates from JSON escapes)."""
+    value = _str(raw, key)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TocError(f"{key!r} is not valid Unicode: {value!r:.80}") from None
+    return value
+
+
+def _xattrs(value: Any) -> dict[str, bytes]:
+    if value is None or value == {}:
+        return _NO_XATTRS
+    if not isinstance(value, dict):
+        raise TocError("'xattrs' is not an object")
+    out: dict[str, bytes] = {}
+    for key, encoded in value.items():
+        if not key or type(encoded) is not str:
+            raise TocError(f"bad xattr {key!r:.80}")
+        try:
+            key.encode("utf-8")
+            # §3.3: standard base64 with padding (Go marshals []byte that way).
+            out[key] = base64.b64decode(encoded, validate=True)
+        except UnicodeEncodeError:
+            raise TocError(f"xattr name {key!r:.80} is not valid Unicode") from None
+        except (binascii.Error, ValueError):
+            raise TocError(f"xattr {key!r:.80} is not base64") from None
+    return out
+
+
+def _parse_modtime(text: str) -> int:
+    """RFC 3339 -> ns since the epoch; absent or invalid -> 0 (§3.5 step 4)."""
+    if not text or text == _GO_ZERO_TIME:
+        return 0
+    try:
+        when = datetime.fromisoformat(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        delta = when - _EPOCH
+    except (ValueError, OverflowError):
+        return 0
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
