@@ -61,6 +61,8 @@ from store.registry.auth import (
     pull_scope,
     token_request_params,
 )
+from store.registry.credentials import IDENTITY_TOKEN_USER
+from store.registry.registries_conf import Endpoint, RegistriesConf
 
 log = structlog.get_logger(__name__)
 
@@ -190,6 +192,7 @@ class RegistryClient:
         pool_size: int = 16,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
+        registries: RegistriesConf | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -219,6 +222,12 @@ class RegistryClient:
         self._challenges: dict[str, Challenge] = {}
         self._auth_locks: dict[tuple[str, str], threading.Lock] = {}
         self._range_ignored: set[tuple[str, str, str]] = set()
+        # registries.conf: mirrors, rewrites, insecure and blocked prefixes (None: none)
+        self._registries = registries
+        # (registry, repository, digest) -> the endpoint that served it last (mirror stickiness)
+        self._preferred: dict[tuple[str, str, str], Endpoint] = {}
+        # insecure hosts whose TLS handshake failed: spoken to in plain HTTP, as Podman does
+        self._http_fallback: set[str] = set()
         self._closed = False
 
     # --- public API ----------------------------------------------------------------------------
@@ -230,30 +239,40 @@ class RegistryClient:
         the returned digest is always the sha256 of the bytes received.
         """
         what = f"manifest {ref}"
-        path = f"/v2/{ref.repository}/manifests/{ref.manifest_ref}"
         headers = {
             "Accept": ", ".join(oci.ACCEPTED_MANIFEST_TYPES),
             "Accept-Encoding": "identity",
         }
 
-        def attempt(deadline_at: float) -> tuple[bytes, str, str | None]:
-            resp = self._open("GET", ref.registry, ref.repository, path, headers, deadline_at, what)
-            with resp:
-                data = _read_body(resp, MAX_MANIFEST_SIZE, what)
-                return (
-                    data,
-                    resp.headers.get("Content-Type", ""),
-                    resp.headers.get("Docker-Content-Digest"),
-                )
+        def from_endpoint(
+            ep: Endpoint, deadline_at: float, attempts: int
+        ) -> tuple[bytes, str, str]:
+            path = f"/v2/{ep.repository}/manifests/{ref.manifest_ref}"
 
-        data, content_type, header_digest = self._retrying(what, attempt)
-        if ref.digest:
-            Digest.parse(ref.digest).verify(data, what)
-            digest = ref.digest
-        else:
-            digest = sha256_of(data)
+            def attempt(deadline_at: float) -> tuple[bytes, str, str | None]:
+                resp = self._open("GET", ep.host, ep.repository, path, headers, deadline_at, what)
+                with resp:
+                    data = _read_body(resp, MAX_MANIFEST_SIZE, what)
+                    return (
+                        data,
+                        resp.headers.get("Content-Type", ""),
+                        resp.headers.get("Docker-Content-Digest"),
+                    )
+
+            data, content_type, header_digest = self._retrying(
+                what, attempt, deadline_at=deadline_at, max_attempts=attempts
+            )
+            # verified per endpoint, so that a mirror serving something else falls through
+            if ref.digest:
+                Digest.parse(ref.digest).verify(data, what)
+                return data, content_type, ref.digest
             if header_digest and is_digest(header_digest.strip()):
                 Digest.parse(header_digest.strip()).verify(data, f"{what} (Docker-Content-Digest)")
+            return data, content_type, sha256_of(data)
+
+        data, content_type, digest = self._across(
+            ref.registry, ref.repository, ref.digest is not None, None, from_endpoint
+        )
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type not in oci.MANIFEST_MEDIA_TYPES and media_type not in oci.INDEX_MEDIA_TYPES:
             media_type = oci.sniff_media_type(data) or media_type
@@ -265,18 +284,21 @@ class RegistryClient:
         """A whole small blob (an image config), verified against *digest*."""
         expected = Digest.parse(digest)
         what = f"blob {repository}@{digest}"
-        path = f"/v2/{repository}/blobs/{digest}"
-
         headers = {"Accept-Encoding": "identity"}
 
-        def attempt(deadline_at: float) -> bytes:
-            resp = self._open("GET", registry, repository, path, headers, deadline_at, what)
-            with resp:
-                return _read_body(resp, max_size, what)
+        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> bytes:
+            path = f"/v2/{ep.repository}/blobs/{digest}"
 
-        data = self._retrying(what, attempt)
-        expected.verify(data, what)
-        return data
+            def attempt(deadline_at: float) -> bytes:
+                resp = self._open("GET", ep.host, ep.repository, path, headers, deadline_at, what)
+                with resp:
+                    return _read_body(resp, max_size, what)
+
+            data = self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
+            expected.verify(data, what)
+            return data
+
+        return self._across(registry, repository, True, digest, from_endpoint)
 
     def read_range(
         self, registry: str, repository: str, digest: str, offset: int, length: int
@@ -295,24 +317,29 @@ class RegistryClient:
         Digest.parse(digest)
         end = offset + length - 1
         what = f"blob {repository}@{digest} bytes {offset}-{end}"
-        path = f"/v2/{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
 
-        def attempt(deadline_at: float) -> bytes:
-            resp = self._open(
-                "GET", registry, repository, path, headers, deadline_at, what, passthrough={416}
-            )
-            with resp:
-                if resp.status_code == 416:
-                    raise self._unsatisfiable(resp, offset, what)
-                if resp.status_code == 206:
-                    return self._read_partial(resp, offset, length, what)
-                if resp.status_code == 200:
-                    self._note_range_ignored(registry, repository, digest)
-                    return self._slice_full_body(resp, offset, length, what)
-                raise RegistryError(f"{what}: unexpected HTTP {resp.status_code}")
+        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> bytes:
+            path = f"/v2/{ep.repository}/blobs/{digest}"
 
-        return self._retrying(what, attempt)
+            def attempt(deadline_at: float) -> bytes:
+                resp = self._open(
+                    "GET", ep.host, ep.repository, path, headers, deadline_at, what,
+                    passthrough={416},
+                )
+                with resp:
+                    if resp.status_code == 416:
+                        raise self._unsatisfiable(resp, offset, what)
+                    if resp.status_code == 206:
+                        return self._read_partial(resp, offset, length, what)
+                    if resp.status_code == 200:
+                        self._note_range_ignored(ep.host, ep.repository, digest)
+                        return self._slice_full_body(resp, offset, length, what)
+                    raise RegistryError(f"{what}: unexpected HTTP {resp.status_code}")
+
+            return self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
+
+        return self._across(registry, repository, True, digest, from_endpoint)
 
     def read_ranges(
         self,
@@ -333,19 +360,23 @@ class RegistryClient:
         """Size of a blob in bytes, from a HEAD request."""
         Digest.parse(digest)
         what = f"blob {repository}@{digest} (HEAD)"
-        path = f"/v2/{repository}/blobs/{digest}"
         # the size of the blob itself, not of some compressed representation of it
         headers = {"Accept-Encoding": "identity"}
 
-        def attempt(deadline_at: float) -> int:
-            resp = self._open("HEAD", registry, repository, path, headers, deadline_at, what)
-            with resp:
-                size = _content_length(resp)
-            if size is None:
-                raise RegistryError(f"{what}: no Content-Length in the answer")
-            return size
+        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> int:
+            path = f"/v2/{ep.repository}/blobs/{digest}"
 
-        return self._retrying(what, attempt)
+            def attempt(deadline_at: float) -> int:
+                resp = self._open("HEAD", ep.host, ep.repository, path, headers, deadline_at, what)
+                with resp:
+                    size = _content_length(resp)
+                if size is None:
+                    raise RegistryError(f"{what}: no Content-Length in the answer")
+                return size
+
+            return self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
+
+        return self._across(registry, repository, True, digest, from_endpoint)
 
     def download_blob(
         self,
@@ -365,15 +396,18 @@ class RegistryClient:
         """
         what = f"blob {repository}@{digest} (download)"
         verifier = Verifier(digest, what)
-        path = f"/v2/{repository}/blobs/{digest}"
+        # The verifier spans endpoints: a transfer broken off at a mirror resumes elsewhere,
+        # and the digest check at the end covers every byte whatever served it.
+        ep = Endpoint(registry, repository)
 
         def attempt(deadline_at: float) -> int:
+            path = f"/v2/{ep.repository}/blobs/{digest}"
             have = verifier.size
             headers = {"Accept-Encoding": "identity"}
             if have:
                 headers["Range"] = f"bytes={have}-"
             resp = self._open(
-                "GET", registry, repository, path, headers, deadline_at, what, passthrough={416}
+                "GET", ep.host, ep.repository, path, headers, deadline_at, what, passthrough={416}
             )
             with resp:
                 skip = 0
@@ -405,7 +439,12 @@ class RegistryClient:
                     raise TransientRegistryError(f"{what}: body ended before the resume point")
                 return verifier.size
 
-        size = self._retrying(what, attempt)
+        def from_endpoint(endpoint: Endpoint, deadline_at: float, attempts: int) -> int:
+            nonlocal ep
+            ep = endpoint
+            return self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
+
+        size = self._across(registry, repository, True, digest, from_endpoint)
         if expected_size is not None and size != expected_size:
             raise FormatError(f"{what}: {size} bytes, expected {expected_size}")
         verifier.check()
@@ -429,14 +468,156 @@ class RegistryClient:
         state = "closed" if self._closed else "open"
         return f"RegistryClient({state}, credentials={self._credentials!r})"
 
+    # --- push-side helpers (issue 3, used by store.registry.push) -------------------------------
+    # Generic building blocks so the push side shares scheme/TLS/auth/retry handling with the
+    # pull side; they add no behaviour of their own to the methods above.
+
+    def call_with_retries(self, what: str, attempt: Callable[[float], T]) -> T:
+        """Run attempt(deadline_at) under this client's retry policy and error translation."""
+        return self._retrying(what, attempt)
+
+    def request(
+        self,
+        method: str,
+        registry: str,
+        repository: str,
+        target: str,
+        deadline_at: float,
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], object] | bytes | None = None,
+        scope: str | None = None,
+        passthrough: Iterable[int] = (),
+    ) -> requests.Response:
+        """One authenticated request without redirects (call it inside call_with_retries).
+
+        *target* is a path on the registry or an absolute URL (an upload Location); auth is
+        only sent to the registry's own origin. *body* is bytes or a callable returning a fresh
+        body (it may be sent twice when a 401 challenge is answered). A 2xx or *passthrough*
+        response is returned streamed (the caller closes it); anything else raises.
+        """
+        base = self._base_url(registry)
+        url = target if target.startswith(("http://", "https://")) else base + target
+        own_origin = _origin(url) == _origin(base)
+        scope = scope or pull_scope(repository)
+        send_headers = dict(headers or {})
+
+        def send(auth: str | None) -> requests.Response:
+            hdrs = dict(send_headers)
+            if auth is not None and own_origin:
+                hdrs["Authorization"] = auth
+            data = body() if callable(body) else body
+            return self._session.request(
+                method,
+                url,
+                headers=hdrs,
+                data=data,
+                stream=True,
+                allow_redirects=False,
+                timeout=self._timeout(deadline_at),
+                verify=self._verify(url),
+            )
+
+        auth = self._cached_auth(registry, scope, deadline_at)
+        resp = send(auth)
+        if resp.status_code == 401 and own_origin:
+            header = resp.headers.get("WWW-Authenticate", "")
+            resp.close()
+            if not header:
+                raise AuthError(f"{what}: HTTP 401 without a WWW-Authenticate challenge")
+            challenge = parse_www_authenticate(header)
+            with self._lock:
+                self._challenges[registry] = challenge
+            auth = self._authenticate(registry, scope, challenge, deadline_at, refused=auth)
+            resp = send(auth)
+            if resp.status_code == 401:
+                resp.close()
+                raise AuthError(f"{what}: HTTP 401 after authenticating ({challenge.scheme})")
+        if resp.status_code in set(passthrough):
+            return resp
+        self._raise_for_status(resp, what, not own_origin)
+        return resp
+
+    # --- registries.conf: where to pull from ------------------------------------------------
+
+    def endpoints(self, registry: str, repository: str, *, digested: bool = True) -> list[Endpoint]:
+        """The ordered places to fetch `registry/repository` from: mirrors, then the origin
+        (rewritten by `location`). Raises Denied for a blocked prefix."""
+        if self._registries is None:
+            return [Endpoint(registry, repository)]
+        if self._registries.blocked(registry, repository):
+            raise Denied(f"{registry}/{repository} is blocked in registries.conf")
+        return self._registries.endpoints(registry, repository, digested=digested)
+
+    def _across(
+        self,
+        registry: str,
+        repository: str,
+        digested: bool,
+        digest: str | None,
+        run: Callable[[Endpoint, float, int], T],
+    ) -> T:
+        """run(endpoint, deadline_at, max_attempts) on each endpoint in turn until one works.
+
+        One deadline covers all endpoints; a mirror gets at most half of what is left and two
+        attempts, so that a dead mirror still leaves the origin time to answer. Whatever
+        fails on a mirror (missing blob, 5xx, wrong content) falls through to the next one.
+        The endpoint that served a blob is tried first for its later ranges.
+        """
+        eps = self.endpoints(registry, repository, digested=digested)
+        deadline_at = time.monotonic() + self._deadline
+        if len(eps) == 1:
+            return run(eps[0], deadline_at, self._max_attempts)
+        key = (registry, repository, digest) if digest else None
+        with self._lock:
+            preferred = self._preferred.get(key) if key else None
+        if preferred in eps:
+            eps = [preferred, *(e for e in eps if e != preferred)]
+        last_exc: LayerstoreError | None = None
+        for i, ep in enumerate(eps):
+            final = i == len(eps) - 1
+            remaining = deadline_at - time.monotonic()
+            if remaining <= 0 and last_exc is not None:
+                break
+            try:
+                result = run(
+                    ep,
+                    deadline_at if final else time.monotonic() + remaining / 2,
+                    self._max_attempts if final else min(2, self._max_attempts),
+                )
+            except LayerstoreError as exc:
+                if final:
+                    raise
+                log.info("registry.endpoint_failed", endpoint=ep.name, cause=_redact(str(exc)))
+                last_exc = exc
+                continue
+            if key is not None:
+                with self._lock:
+                    if len(self._preferred) > 4096:
+                        self._preferred.clear()
+                    self._preferred[key] = ep
+            return result
+        assert last_exc is not None
+        raise last_exc
+
     # --- retry policy --------------------------------------------------------------------------
 
-    def _retrying(self, what: str, attempt: Callable[[float], T]) -> T:
+    def _retrying(
+        self,
+        what: str,
+        attempt: Callable[[float], T],
+        *,
+        deadline_at: float | None = None,
+        max_attempts: int | None = None,
+    ) -> T:
         """Run attempt(deadline_at), translating exceptions, retrying transient failures."""
         if self._closed:
             raise RegistryError("RegistryClient is closed")
         started = time.monotonic()
-        deadline_at = started + self._deadline
+        if deadline_at is None:
+            deadline_at = started + self._deadline
+        attempts_allowed = max_attempts or self._max_attempts
 
         def translated(deadline_at: float) -> T:
             try:
@@ -458,7 +639,7 @@ class RegistryClient:
             return exc.retry_after if isinstance(exc, TransientRegistryError) else None
 
         def stop(rs: tenacity.RetryCallState) -> bool:
-            if rs.attempt_number >= self._max_attempts:
+            if rs.attempt_number >= attempts_allowed:
                 return True
             remaining = deadline_at - time.monotonic()
             ra = retry_after(rs)
@@ -512,12 +693,18 @@ class RegistryClient:
             host in _LOOPBACK_HOSTS
             or registry.lower() in self._plain_http
             or host in self._plain_http
+            or registry.lower() in self._http_fallback
         )
         return f"{'http' if plain else 'https'}://{_API_HOSTS.get(registry, registry)}"
 
     def _verify(self, url: str) -> bool:
         netloc = urlsplit(url).netloc.lower()
-        return netloc not in self._insecure and _hostname(netloc) not in self._insecure
+        return not self._is_insecure(netloc)
+
+    def _is_insecure(self, netloc: str) -> bool:
+        if netloc in self._insecure or _hostname(netloc) in self._insecure:
+            return True
+        return self._registries is not None and self._registries.insecure_host(netloc)
 
     def _open(
         self,
@@ -536,7 +723,17 @@ class RegistryClient:
         url = self._base_url(registry) + path
         scope = pull_scope(repository)
         auth = self._cached_auth(registry, scope, deadline_at)
-        resp, foreign = self._send(method, url, headers, auth, deadline_at)
+        try:
+            resp, foreign = self._send(method, url, headers, auth, deadline_at)
+        except requests.exceptions.SSLError:
+            # registries.conf `insecure`: like Podman, fall back to plain HTTP when TLS fails
+            if not url.startswith("https://") or not self._is_insecure(registry.lower()):
+                raise
+            with self._lock:
+                self._http_fallback.add(registry.lower())
+            log.warning("registry.insecure_http_fallback", registry=registry)
+            url = self._base_url(registry) + path
+            resp, foreign = self._send(method, url, headers, auth, deadline_at)
         if resp.status_code == 401 and not foreign:
             header = resp.headers.get("WWW-Authenticate", "")
             resp.close()
@@ -613,6 +810,14 @@ class RegistryClient:
 
     # --- auth ----------------------------------------------------------------------------------
 
+    def _creds(self, registry: str, scope: str) -> tuple[str, str] | None:
+        """Credentials for *registry*, per repository when the source knows about those."""
+        by_repo = getattr(self._credentials, "lookup_repository", None)
+        if by_repo is not None:
+            parts = scope.split(":")
+            return by_repo(registry, parts[1] if len(parts) == 3 else None)
+        return self._credentials.lookup(registry)
+
     def _auth_lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._lock:
             return self._auth_locks.setdefault(key, threading.Lock())
@@ -628,7 +833,7 @@ class RegistryClient:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self._credentials.lookup(registry)
+            creds = self._creds(registry, scope)
             return basic_header(*creds) if creds else None
         if challenge.scheme == "bearer":
             return self._authenticate(registry, scope, challenge, deadline_at)
@@ -644,7 +849,7 @@ class RegistryClient:
     ) -> str:
         """The Authorization value answering *challenge* (not *refused*, which just failed)."""
         if challenge.scheme == "basic":
-            creds = self._credentials.lookup(registry)
+            creds = self._creds(registry, scope)
             if creds is None:
                 raise AuthError(f"{registry} asks for Basic credentials and none are configured")
             header = basic_header(*creds)
@@ -667,16 +872,30 @@ class RegistryClient:
         self, registry: str, scope: str, challenge: Challenge, deadline_at: float
     ) -> tuple[str, float]:
         url, params = token_request_params(challenge, scope)
-        creds = self._credentials.lookup(registry)
-        resp = self._session.get(
-            url,
-            params=params,
-            auth=HTTPBasicAuth(*creds) if creds else None,
-            headers={"Accept": "application/json", "Accept-Encoding": "identity"},
-            timeout=self._timeout(deadline_at),
-            verify=self._verify(url),
-            stream=True,
-        )
+        creds = self._creds(registry, scope)
+        if creds is not None and creds[0] == IDENTITY_TOKEN_USER:
+            # an identity token is an OAuth2 refresh token: POST it (distribution's
+            # "OAuth2 token" flow); it is never sent as a Basic password
+            form = {**params, "grant_type": "refresh_token", "refresh_token": creds[1]}
+            form["client_id"] = "layerstore"
+            resp = self._session.post(
+                url,
+                data=form,
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+                timeout=self._timeout(deadline_at),
+                verify=self._verify(url),
+                stream=True,
+            )
+        else:
+            resp = self._session.get(
+                url,
+                params=params,
+                auth=HTTPBasicAuth(*creds) if creds else None,
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+                timeout=self._timeout(deadline_at),
+                verify=self._verify(url),
+                stream=True,
+            )
         with resp:
             what = f"token request to {_redact(url)}"
             code = resp.status_code
