@@ -10,11 +10,13 @@ Invariant: file bytes are only ever returned after their chunk digest was checke
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import structlog
 
@@ -25,7 +27,17 @@ from store.errors import DigestMismatch, FormatError
 from store.estargz import Chunk, Toc, TocEntry, decode_chunk, open_toc
 from store.singleflight import SingleFlight
 
+if TYPE_CHECKING:
+    from store.cache.chunks import DiskChunkCache
+    from store.prefetch import ForegroundGate
+
 log = structlog.get_logger(__name__)
+
+ChunkKey = tuple[str, int]
+DEFAULT_MERGE_LIMIT = 4 << 20  # compressed bytes one merged range request may span
+# Windows of merge_limit bytes fetched ahead of a sequential reader, each in its own thread, so
+# inflating and hashing use more than one core.
+READAHEAD_WINDOWS = 2
 
 
 class BlobSource(Protocol):
@@ -46,30 +58,95 @@ class LayerStats:
     chunks_fetched: int
     bytes_fetched: int
     blob_local: bool
+    requests: int = 0  # range requests (or local preads) for chunks; merged runs count once
+
+
+class _ChunkFlight:
+    """In-flight chunk fetches by key: a caller claims the keys nobody fetches yet and waits
+    for the others, so identical chunk requests are coalesced even when they are fetched as
+    part of different merged range requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[ChunkKey, list] = {}  # key -> [event, data, error]
+
+    def claim(self, keys: Sequence[ChunkKey]) -> tuple[list[ChunkKey], dict[ChunkKey, list]]:
+        mine: list[ChunkKey] = []
+        theirs: dict[ChunkKey, list] = {}
+        with self._lock:
+            for key in keys:
+                call = self._calls.get(key)
+                if call is None:
+                    self._calls[key] = [threading.Event(), None, None]
+                    mine.append(key)
+                else:
+                    theirs[key] = call
+        return mine, theirs
+
+    def finish(self, key: ChunkKey, data: bytes | None, error: BaseException | None) -> None:
+        with self._lock:
+            call = self._calls.pop(key)
+        call[1], call[2] = data, error
+        call[0].set()
+
+    @staticmethod
+    def wait(call: list) -> bytes:
+        call[0].wait()
+        if call[2] is not None:
+            raise call[2]
+        return call[1]
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    def busy(self, key: ChunkKey) -> bool:
+        return key in self._calls
 
 
 class RemoteLayer:
-    def __init__(self, source: BlobSource, toc: Toc, cache: ChunkCache, blob_dir: Path) -> None:
+    def __init__(
+        self,
+        source: BlobSource,
+        toc: Toc,
+        cache: ChunkCache,
+        blob_dir: Path,
+        *,
+        disk: DiskChunkCache | None = None,
+        gate: ForegroundGate | None = None,
+        merge_limit: int = DEFAULT_MERGE_LIMIT,
+        readahead: Callable[[Callable[[], object]], None] | None = None,
+    ) -> None:
         self.source = source
         self.toc = toc
         self.view = DiffView(toc)
         self.cache = cache
+        self.disk = disk if disk is not None and disk.enabled else None
+        self.gate = gate
+        self.merge_limit = merge_limit
+        self.readahead = readahead  # runs a job off this thread (the Prefetcher's pool)
         self.blob_dir = blob_dir
-        self._flight: SingleFlight[bytes] = SingleFlight()
+        self._flight = _ChunkFlight()
         self._blob_flight: SingleFlight[Path] = SingleFlight()
         self._blob_path: Path | None = None
         self._blob_fd: int | None = None
         self._lock = threading.Lock()
         self._chunks_fetched = 0
         self._bytes_fetched = 0
+        self._requests = 0
 
     @classmethod
     def open(
-        cls, source: BlobSource, toc_digest: str, cache: ChunkCache, blob_dir: Path
+        cls,
+        source: BlobSource,
+        toc_digest: str,
+        cache: ChunkCache,
+        blob_dir: Path,
+        **options: object,
     ) -> RemoteLayer:
         """Fetch footer and TOC with range reads and verify the TOC against *toc_digest*."""
         toc = open_toc(source.read_range, source.size, toc_digest)
-        return cls(source, toc, cache, blob_dir)
+        return cls(source, toc, cache, blob_dir, **options)  # type: ignore[arg-type]
 
     # -- file contents ---------------------------------------------------------------------
 
@@ -80,13 +157,44 @@ class RemoteLayer:
         if offset >= end:
             return b""
         chunks = entry.chunks
-        starts = [c.file_offset for c in chunks]
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        first = max(0, bisect.bisect_right(chunks, offset, key=_file_offset) - 1)
+        last = first
+        while last + 1 < len(chunks) and chunks[last + 1].file_offset < end:
+            last += 1
+        got: dict[ChunkKey, bytes] = {}
+        missing: list[Chunk] = []
+        for chunk in chunks[first : last + 1]:
+            key = _key(chunk)
+            data = self._cached(key)
+            if data is None:
+                missing.append(chunk)
+            else:
+                got[key] = data
+        if missing:
+            # Read ahead within the file: the following chunks ride along in the same range
+            # request while it stays under the merge limit (sequential reads of big files).
+            budget = self.merge_limit - (missing[-1].blob_end - missing[0].blob_offset)
+            nxt = last + 1
+            while nxt < len(chunks) and budget > 0:
+                c = chunks[nxt]
+                if c.digest is None or c.blob_offset != missing[-1].blob_end:
+                    break
+                if c.blob_end - c.blob_offset > budget or self._known(_key(c)):
+                    break
+                budget -= c.blob_end - c.blob_offset
+                missing.append(c)
+                nxt += 1
+            with self._foreground():
+                got.update(self.fetch_chunks(missing))
+            last = max(last, nxt - 1)
+        if self.readahead is not None and last + 1 < len(chunks):
+            self._read_ahead(chunks, last + 1)
         parts: list[bytes] = []
         pos = offset
+        i = first
         while pos < end:
             chunk = chunks[i]
-            data = self._chunk(chunk)
+            data = got[_key(chunk)]
             lo = pos - chunk.file_offset
             hi = min(end - chunk.file_offset, chunk.size)
             parts.append(data[lo:hi])
@@ -94,24 +202,138 @@ class RemoteLayer:
             i += 1
         return b"".join(parts)
 
-    def _chunk(self, chunk: Chunk) -> bytes:
-        if chunk.digest is None:
+    def _read_ahead(self, chunks: list[Chunk], start: int) -> None:
+        """Fetch the next window of a file being read while the reader consumes this one, so
+        network, inflate and hashing overlap with the reads (sequential throughput)."""
+        windows: list[list[Chunk]] = [[]]
+        span = 0
+        for chunk in chunks[start:]:
+            key = _key(chunk)
+            if chunk.digest is None or self._known(key) or self._flight.busy(key):
+                break
+            span += chunk.blob_end - chunk.blob_offset
+            if windows[-1] and span > self.merge_limit:
+                if len(windows) == READAHEAD_WINDOWS:
+                    break
+                windows.append([])
+                span = chunk.blob_end - chunk.blob_offset
+            windows[-1].append(chunk)
+        for window in windows:
+            if window:
+                self.readahead(lambda w=window: self._quiet_fetch(w))
+
+    def _quiet_fetch(self, chunks: list[Chunk]) -> None:
+        try:
+            self.fetch_chunks(chunks)
+        except Exception as exc:  # noqa: BLE001 - the on-demand read will retry and report
+            log.debug("readahead.failed", blob=self.source.digest, error=str(exc))
+
+    def _foreground(self) -> contextlib.AbstractContextManager[object]:
+        return self.gate.foreground() if self.gate is not None else contextlib.nullcontext()
+
+    def _cached(self, key: ChunkKey) -> bytes | None:
+        """Memory first, then disk (a disk hit is promoted: it is likely read again soon)."""
+        if key[0] is None:
             # Nothing to verify against: serving it would defeat the TOC's purpose.
             raise FormatError("chunk has no digest; refusing to serve unverifiable data")
-        key = (chunk.digest, chunk.size)
         data = self.cache.get(key)
+        if data is None and self.disk is not None:
+            data = self.disk.get(key)
+            if data is not None:
+                self.cache.put(key, data)
+        return data
+
+    def _known(self, key: ChunkKey) -> bool:
+        """Cached somewhere, without reading it (to skip work, never to serve)."""
+        if key in self.cache._items:  # noqa: SLF001 - a racy peek is fine for a skip decision
+            return True
+        return self.disk is not None and self.disk.contains(key)
+
+    def _chunk(self, chunk: Chunk) -> bytes:
+        key = _key(chunk)
+        data = self._cached(key)
         if data is not None:
             return data
-        return self._flight.run(key, lambda: self._fetch_chunk(chunk, key))
+        return self.fetch_chunks([chunk])[key]
 
-    def _fetch_chunk(self, chunk: Chunk, key: tuple[str, int]) -> bytes:
-        raw = self._compressed(chunk.blob_offset, chunk.blob_end - chunk.blob_offset)
-        data = decode_chunk(raw, chunk)  # raises DigestMismatch: never cached, never served
-        self.cache.put(key, data)
+    def data_chunks(self) -> Iterator[Chunk]:
+        """Every verifiable chunk of the layer, once per content, in blob order."""
+        seen: set[ChunkKey] = set()
+        out: list[Chunk] = []
+        for entry in self.toc.entries:
+            if entry.type != "reg":
+                continue
+            for chunk in entry.chunks:
+                key = _key(chunk)
+                if chunk.digest is None or key in seen:
+                    continue
+                seen.add(key)
+                out.append(chunk)
+        out.sort(key=lambda c: (c.blob_offset, c.inner_offset))
+        return iter(out)
+
+    def missing_chunks(self, chunks: Sequence[Chunk]) -> list[Chunk]:
+        return [c for c in chunks if not self._known(_key(c))]
+
+    def fetch_chunks(
+        self, chunks: Sequence[Chunk], *, memory: bool = True, merge_limit: int | None = None
+    ) -> dict[ChunkKey, bytes]:
+        """Fetch, verify and cache *chunks*; adjacent ones share one range request.
+
+        Chunks someone else is already fetching are waited for, not fetched twice. With
+        ``memory=False`` (background fetch) results go to the disk cache only, so a bulk fetch
+        does not push hot chunks out of memory. Raises the first error (DigestMismatch, ...).
+        """
+        by_key: dict[ChunkKey, Chunk] = {}
+        for chunk in chunks:
+            if chunk.digest is None:
+                raise FormatError("chunk has no digest; refusing to serve unverifiable data")
+            by_key.setdefault(_key(chunk), chunk)
+        mine, theirs = self._flight.claim(list(by_key))
+        out: dict[ChunkKey, bytes] = {}
+        limit = self.merge_limit if merge_limit is None else merge_limit
+        runs = _runs(sorted((by_key[k] for k in mine), key=_blob_order), limit)
+        error: BaseException | None = None
+        for run in runs:
+            if error is not None:
+                for chunk in run:
+                    self._flight.finish(_key(chunk), None, error)
+                continue
+            try:
+                self._fetch_run(run, out, memory)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiter, then raised
+                error = exc
+                for chunk in run:
+                    key = _key(chunk)
+                    if key not in out:
+                        self._flight.finish(key, None, exc)
+        for key, call in theirs.items():
+            out[key] = self._flight.wait(call)
+            if memory:  # it may have been a background fetch, which skips the memory cache
+                self.cache.put(key, out[key])
+        if error is not None:
+            raise error
+        return out
+
+    def _fetch_run(self, run: list[Chunk], out: dict[ChunkKey, bytes], memory: bool) -> None:
+        start = run[0].blob_offset
+        stop = max(c.blob_end for c in run)
+        raw = memoryview(self._compressed(start, stop - start))
         with self._lock:
-            self._chunks_fetched += 1
-            self._bytes_fetched += len(raw)
-        return data
+            self._requests += 1
+            self._bytes_fetched += stop - start
+        for chunk in run:
+            key = _key(chunk)
+            piece = raw[chunk.blob_offset - start : chunk.blob_end - start]
+            data = decode_chunk(piece, chunk)  # raises DigestMismatch: never cached or served
+            if memory:
+                self.cache.put(key, data)
+            if self.disk is not None:
+                self.disk.put(key, data)
+            out[key] = data
+            with self._lock:
+                self._chunks_fetched += 1
+            self._flight.finish(key, data, None)
 
     def _compressed(self, offset: int, length: int) -> bytes:
         fd = self._blob_fd
@@ -174,9 +396,43 @@ class RemoteLayer:
 
     def stats(self) -> LayerStats:
         with self._lock:
-            return LayerStats(self._chunks_fetched, self._bytes_fetched, self._blob_fd is not None)
+            return LayerStats(
+                self._chunks_fetched, self._bytes_fetched, self._blob_fd is not None, self._requests
+            )
 
     def close(self) -> None:
         if self._blob_fd is not None:
             os.close(self._blob_fd)
             self._blob_fd = None
+
+
+def _key(chunk: Chunk) -> ChunkKey:
+    return (chunk.digest, chunk.size)  # type: ignore[return-value]
+
+
+def _file_offset(chunk: Chunk) -> int:
+    return chunk.file_offset
+
+
+def _blob_order(chunk: Chunk) -> tuple[int, int]:
+    return (chunk.blob_offset, chunk.inner_offset)
+
+
+def _runs(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:
+    """Split chunks (blob order) into runs of touching byte ranges of at most *limit* bytes."""
+    runs: list[list[Chunk]] = []
+    run: list[Chunk] = []
+    run_end = 0
+    for chunk in chunks:
+        if run and chunk.blob_offset <= run_end and (
+            max(run_end, chunk.blob_end) - run[0].blob_offset <= limit
+        ):
+            run.append(chunk)
+            run_end = max(run_end, chunk.blob_end)
+            continue
+        if run:
+            runs.append(run)
+        run, run_end = [chunk], chunk.blob_end
+    if run:
+        runs.append(run)
+    return runs

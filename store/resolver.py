@@ -12,18 +12,24 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import structlog
 
 from store import oci
 from store.als import COMPRESSION_GZIP, KeyKind, LayerRecord
+from store.cache.state import LayerState
 from store.chunkcache import ChunkCache
-from store.errors import NotFound, NotLazyLayer
+from store.errors import LayerstoreError, NotFound, NotLazyLayer
 from store.layer import RemoteLayer
 from store.reference import Reference
 from store.registry.client import RegistryClient
 from store.singleflight import SingleFlight
+
+if TYPE_CHECKING:
+    from store.cache.chunks import DiskChunkCache
+    from store.cache.state import StateDB
+    from store.prefetch import Prefetcher
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +58,7 @@ class ResolvedImage:
     ref: Reference
     manifest: oci.Manifest
     fetched_at: float
+    digest: str = ""  # of the (platform) manifest, recorded in the state DB
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +79,15 @@ class Resolver:
         manifest_ttl: float = 60.0,
         platform: oci.Platform | None = None,
         max_images: int = 256,
+        state: StateDB | None = None,
+        disk: DiskChunkCache | None = None,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
+        self.state = state  # what each <ref>/<key> resolved to, across restarts
+        self.disk = disk
+        self.prefetcher = prefetcher
         self.blob_dir = blob_dir
         self.manifest_ttl = manifest_ttl
         self.platform = platform or oci.host_platform()
@@ -115,6 +128,51 @@ class Resolver:
     # -- steps -------------------------------------------------------------------------------
 
     def _resolve(self, ref_text: str, key: str) -> LayerHandle:
+        recorded = self.state.get(ref_text, key) if self.state is not None else None
+        if recorded is not None:
+            try:
+                return self._resolve_recorded(recorded)
+            except LayerstoreError as exc:
+                # e.g. the blob was deleted from that repository: try what the tag says now
+                log.warning("layer.record_unusable", ref=ref_text, key=key, error=str(exc))
+        return self._resolve_fresh(ref_text, key)
+
+    def _resolve_recorded(self, rec: LayerState) -> LayerHandle:
+        """Serve exactly what Podman was told before a restart: no manifest, no tag lookup.
+
+        The key names the content, so the recorded blob stays right even if the tag moved.
+        """
+        started = time.monotonic()
+        layer = self._layer(
+            rec.registry, rec.repository, rec.blob_digest, rec.compressed_size, rec.toc_digest
+        )
+        record = LayerRecord(
+            key=rec.key,
+            kind=KeyKind(rec.kind),
+            blob_digest=rec.blob_digest,
+            compressed_size=rec.compressed_size,
+            diff_id=rec.diff_id,
+            uncompressed_size=rec.uncompressed_size,
+            toc_digest=rec.toc_digest,
+            compression=rec.compression,
+        )
+        handle = LayerHandle(rec.ref, rec.key, record, layer)
+        with self._lock:
+            self._handles[(rec.ref, rec.key)] = handle
+        log.info(
+            "layer.prepared",
+            ref=rec.ref,
+            key=rec.key,
+            key_kind=rec.kind,
+            blob=rec.blob_digest,
+            files=layer.toc.node_count,
+            lazy=True,
+            from_state=True,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return handle
+
+    def _resolve_fresh(self, ref_text: str, key: str) -> LayerHandle:
         started = time.monotonic()
         ref = Reference.parse(ref_text)
         image = self._image(ref_text, ref)
@@ -124,7 +182,7 @@ class Resolver:
         config = self._config(ref, image.manifest.config)
         if len(config.diff_ids) != len(image.manifest.layers):
             raise NotLazyLayer("image config and manifest disagree on the number of layers")
-        layer = self._layer(ref, desc, toc_digest)
+        layer = self._layer(ref.registry, ref.repository, desc.digest, desc.size, toc_digest)
         record = LayerRecord(
             key=key,
             kind=kind,
@@ -136,6 +194,26 @@ class Resolver:
             compression=COMPRESSION_GZIP,
         )
         handle = LayerHandle(ref_text, key, record, layer)
+        if self.state is not None:
+            self.state.put(
+                LayerState(
+                    ref=ref_text,
+                    key=key,
+                    kind=kind.value,
+                    registry=ref.registry,
+                    repository=ref.repository,
+                    manifest_digest=image.digest,
+                    config_digest=image.manifest.config.digest,
+                    blob_digest=desc.digest,
+                    compressed_size=desc.size,
+                    uncompressed_size=usize,
+                    toc_digest=toc_digest,
+                    diff_id=config.diff_ids[index],
+                    compression=COMPRESSION_GZIP,
+                    layer_index=index,
+                    layer_count=len(image.manifest.layers),
+                )
+            )
         with self._lock:
             self._handles[(ref_text, key)] = handle
         log.info(
@@ -172,7 +250,7 @@ class Resolver:
             parsed = oci.parse_manifest(fetched.data, fetched.media_type)
             if not isinstance(parsed, oci.Manifest):
                 raise NotFound(f"{ref}: platform entry {desc.digest} is not an image manifest")
-        image = ResolvedImage(ref, parsed, time.monotonic())
+        image = ResolvedImage(ref, parsed, time.monotonic(), fetched.digest)
         with self._lock:
             self._images[ref_text] = image
             self._images.move_to_end(ref_text)
@@ -190,18 +268,31 @@ class Resolver:
                 self._configs[desc.digest] = config
         return config
 
-    def _layer(self, ref: Reference, desc: oci.Descriptor, toc_digest: str) -> RemoteLayer:
-        ident = (ref.registry, ref.repository, desc.digest)
+    def _layer(
+        self, registry: str, repository: str, digest: str, size: int, toc_digest: str
+    ) -> RemoteLayer:
+        ident = (registry, repository, digest)
         with self._lock:
             layer = self._layers.get(ident)
         if layer is not None:
             return layer
 
         def open_layer() -> RemoteLayer:
-            source = RegistryBlob(self.client, ref.registry, ref.repository, desc.digest, desc.size)
-            opened = RemoteLayer.open(source, toc_digest, self.cache, self.blob_dir)
+            source = RegistryBlob(self.client, registry, repository, digest, size)
+            pre = self.prefetcher
+            opened = RemoteLayer.open(
+                source,
+                toc_digest,
+                self.cache,
+                self.blob_dir,
+                disk=self.disk,
+                gate=pre.gate if pre is not None else None,
+                readahead=pre.readahead if pre is not None else None,
+            )
             with self._lock:
                 self._layers[ident] = opened
+            if self.prefetcher is not None:
+                self.prefetcher.layer_opened(opened)  # first use: start the prefetch
             return opened
 
         return self._layer_flight.run(ident, open_layer)

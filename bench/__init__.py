@@ -1,0 +1,1 @@
+"""Benchmarks of layerstore against a normal pull; not part of the test suite."""
