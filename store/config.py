@@ -4,6 +4,13 @@ Example (contrib/config.toml):
 
     [cache]
     memory_mb = 256          # verified, decompressed chunks kept in RAM
+    disk_mb = 10240          # verified chunks kept under ROOT/cache (LRU); 0 turns it off
+
+    [prefetch]
+    enabled = true           # fetch the region before .prefetch.landmark at first use
+    background = false       # then fetch the rest of the layer into the disk cache
+    background_concurrency = 2
+    background_mbps = 0.0    # bandwidth cap of the background fetch in Mbit/s; 0 = none
 
     [fetch]
     max_concurrency = 8      # parallel registry requests
@@ -14,6 +21,9 @@ Example (contrib/config.toml):
     connect_timeout = 5.0
     read_timeout = 30.0
     deadline = 60.0          # total time one request may take, retries included
+    max_attempts = 5         # attempts per request (5xx, 429, dropped connections)
+    auth_file = ""           # default: the auth files Podman reads (see README)
+    registries_conf = ""     # default: registries.conf as Podman finds it (+ .d drop-ins)
 
     [resolve]
     manifest_ttl = 60.0      # seconds a tag's manifest is trusted before re-checking
@@ -34,6 +44,15 @@ DEFAULT_ROOT = Path("/var/lib/layerstore")
 @dataclass(frozen=True)
 class CacheConfig:
     memory_mb: int = 256
+    disk_mb: int = 10240
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    enabled: bool = True
+    background: bool = False
+    background_concurrency: int = 2
+    background_mbps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,11 @@ class RegistryConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     deadline: float = 60.0
+    max_attempts: int = 5
+    # "" = where Podman looks ($REGISTRY_AUTH_FILE, XDG_RUNTIME_DIR, ~/.config, ~/.docker)
+    auth_file: str = ""
+    # "" = where Podman looks ($CONTAINERS_REGISTRIES_CONF, /etc/containers/registries.conf)
+    registries_conf: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     resolve: ResolveConfig = field(default_factory=ResolveConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
 
 def _section(cls: type, name: str, data: Any) -> Any:
@@ -76,7 +101,10 @@ def _section(cls: type, name: str, data: Any) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}.{key} must be a list of strings")
             value = tuple(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default) | int):
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{key} must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, type(default) | int):
             raise ConfigError(f"{name}.{key} must be a {type(default).__name__}")
         elif isinstance(default, float):
             value = float(value)

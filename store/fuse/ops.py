@@ -316,6 +316,11 @@ class Operations(pyfuse3.Operations):
             )
         except LayerstoreError as exc:
             # Verification or fetch failed: nothing is served, a later read tries again.
+            if not where.get("ref"):
+                # a diff inode knows its layer, not the ref: name one ref that uses the layer
+                layer = where.get("layer")
+                refs = (h.ref for h in self.resolver.handles() if h.layer.source.digest == layer)
+                where["ref"] = next(refs, None)
             log.error("read.failed", cause=repr(exc), **{k: v for k, v in where.items() if v})
             raise _err(errno.EIO) from None
 
