@@ -1,7 +1,8 @@
 """One lazily served eStargz layer: verified file reads and the raw blob.
 
-Knows the eStargz format (through store.estargz) and a BlobSource to fetch compressed bytes
-from; knows nothing of FUSE or HTTP. Thread-safe: the FUSE front calls it from worker threads.
+Knows the eStargz format (through store.estargz; zstd:chunked layers bring their own chunk
+decoder, store.zstdchunked) and a BlobSource to fetch compressed bytes from; knows nothing of
+FUSE or HTTP. Thread-safe: the FUSE front calls it from worker threads.
 
 Invariant: file bytes are only ever returned after their chunk digest was checked
 (`decode_chunk` verifies), and the blob file is only used after its whole digest was checked.
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ChunkKey = tuple[str, int]
+# (compressed bytes starting at the chunk's blob offset, chunk) -> verified chunk bytes
+ChunkDecoder = Callable[[memoryview, Chunk], bytes]
 DEFAULT_MERGE_LIMIT = 4 << 20  # compressed bytes one merged range request may span
 # Windows of merge_limit bytes fetched ahead of a sequential reader, each in its own thread, so
 # inflating and hashing use more than one core.
@@ -116,9 +119,13 @@ class RemoteLayer:
         gate: ForegroundGate | None = None,
         merge_limit: int = DEFAULT_MERGE_LIMIT,
         readahead: Callable[[Callable[[], object]], None] | None = None,
+        decode: ChunkDecoder = decode_chunk,
     ) -> None:
         self.source = source
         self.toc = toc
+        # The layer format's verified chunk decoder: eStargz (gzip members) by default,
+        # store.zstdchunked.decode_chunk for zstd:chunked layers.
+        self.decode = decode
         self.view = DiffView(toc)
         self.cache = cache
         self.disk = disk if disk is not None and disk.enabled else None
@@ -325,7 +332,7 @@ class RemoteLayer:
         for chunk in run:
             key = _key(chunk)
             piece = raw[chunk.blob_offset - start : chunk.blob_end - start]
-            data = decode_chunk(piece, chunk)  # raises DigestMismatch: never cached or served
+            data = self.decode(piece, chunk)  # raises DigestMismatch: never cached or served
             if memory:
                 self.cache.put(key, data)
             if self.disk is not None:

@@ -68,6 +68,10 @@ UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 #: zstd:chunked, current keys (c/storage pkg/chunked/toc).
 ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.manifest-checksum"
 ZSTD_CHUNKED_MANIFEST_POSITION_ANNOTATION = "io.github.containers.zstd-chunked.manifest-position"
+#: zstd:chunked tar-split section ("<offset>:<length>:<uncompressed length>"), c/storage >= 1.48.
+ZSTD_CHUNKED_TARSPLIT_POSITION_ANNOTATION = "io.github.containers.zstd-chunked.tarsplit-position"
+#: Digest of the compressed tar-split, c/storage 1.48-1.53 only (later in the TOC's tarSplitDigest).
+ZSTD_CHUNKED_TARSPLIT_CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.tarsplit-checksum"
 # Older keys, written by Podman 4.x (test-environment.md §5 shows them on a 4.3.1 push).
 ZSTD_CHUNKED_LEGACY_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
 ZSTD_CHUNKED_LEGACY_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import structlog
 
-from store import oci
-from store.als import COMPRESSION_GZIP, KeyKind, LayerRecord
+from store import oci, zstdchunked
+from store.als import COMPRESSION_GZIP, COMPRESSION_ZSTD, KeyKind, LayerRecord
 from store.cache.state import LayerState
 from store.chunkcache import ChunkCache
-from store.errors import LayerstoreError, NotFound, NotLazyLayer
+from store.digest import is_digest
+from store.errors import FormatError, LayerstoreError, NotFound, NotLazyLayer
 from store.layer import RemoteLayer
 from store.reference import Reference
 from store.registry.client import RegistryClient
@@ -69,6 +70,17 @@ class LayerHandle:
     layer: RemoteLayer
 
 
+@dataclass(frozen=True, slots=True)
+class LazyFacts:
+    """What the manifest (or the state record) says about serving one layer lazily."""
+
+    toc_digest: str  # `toc-digest` in info: the key Podman >= 5.1 asks for
+    uncompressed_size: int | None  # None: derived from the layer (zstd:chunked only)
+    compression: int = COMPRESSION_GZIP
+    zstd: zstdchunked.TocDigests | None = None  # set for zstd:chunked layers
+    layout: zstdchunked.Layout | None = None  # from the position annotations, if present
+
+
 class Resolver:
     def __init__(
         self,
@@ -96,6 +108,8 @@ class Resolver:
         self._images: OrderedDict[str, ResolvedImage] = OrderedDict()
         self._configs: dict[str, oci.ImageConfig] = {}
         self._layers: dict[tuple[str, str, str], RemoteLayer] = {}
+        self._chunked: dict[tuple[str, str, str], zstdchunked.ChunkedToc] = {}
+        self._tar_sizes: dict[tuple[str, str, str], int] = {}
         self._handles: dict[tuple[str, str], LayerHandle] = {}
         self._image_flight: SingleFlight[ResolvedImage] = SingleFlight()
         self._layer_flight: SingleFlight[RemoteLayer] = SingleFlight()
@@ -143,8 +157,18 @@ class Resolver:
         The key names the content, so the recorded blob stays right even if the tag moved.
         """
         started = time.monotonic()
+        facts = LazyFacts(rec.toc_digest, rec.uncompressed_size, rec.compression)
+        if rec.compression == COMPRESSION_ZSTD:
+            # No annotations here: the footer locates the TOC, and the recorded digest names
+            # either the compressed TOC or its JSON.
+            facts = LazyFacts(
+                rec.toc_digest,
+                rec.uncompressed_size,
+                COMPRESSION_ZSTD,
+                zstdchunked.TocDigests(recorded=rec.toc_digest),
+            )
         layer = self._layer(
-            rec.registry, rec.repository, rec.blob_digest, rec.compressed_size, rec.toc_digest
+            rec.registry, rec.repository, rec.blob_digest, rec.compressed_size, facts
         )
         record = LayerRecord(
             key=rec.key,
@@ -178,11 +202,16 @@ class Resolver:
         image = self._image(ref_text, ref)
         index, kind = _find_layer(image.manifest, key)
         desc = image.manifest.layers[index]
-        toc_digest, usize = _lazy_facts(desc)
+        facts = _lazy_facts(desc)
+        # A TOC key is what info's toc-digest must repeat (Podman >= 5.1 checks it).
+        toc_digest = key if kind is KeyKind.TOC else facts.toc_digest
         config = self._config(ref, image.manifest.config)
         if len(config.diff_ids) != len(image.manifest.layers):
             raise NotLazyLayer("image config and manifest disagree on the number of layers")
-        layer = self._layer(ref.registry, ref.repository, desc.digest, desc.size, toc_digest)
+        layer = self._layer(ref.registry, ref.repository, desc.digest, desc.size, facts)
+        usize = facts.uncompressed_size
+        if usize is None:
+            usize = self._tar_size((ref.registry, ref.repository, desc.digest), layer)
         record = LayerRecord(
             key=key,
             kind=kind,
@@ -191,7 +220,7 @@ class Resolver:
             diff_id=config.diff_ids[index],
             uncompressed_size=usize,
             toc_digest=toc_digest,
-            compression=COMPRESSION_GZIP,
+            compression=facts.compression,
         )
         handle = LayerHandle(ref_text, key, record, layer)
         if self.state is not None:
@@ -209,7 +238,7 @@ class Resolver:
                     uncompressed_size=usize,
                     toc_digest=toc_digest,
                     diff_id=config.diff_ids[index],
-                    compression=COMPRESSION_GZIP,
+                    compression=facts.compression,
                     layer_index=index,
                     layer_count=len(image.manifest.layers),
                 )
@@ -269,7 +298,7 @@ class Resolver:
         return config
 
     def _layer(
-        self, registry: str, repository: str, digest: str, size: int, toc_digest: str
+        self, registry: str, repository: str, digest: str, size: int, facts: LazyFacts
     ) -> RemoteLayer:
         ident = (registry, repository, digest)
         with self._lock:
@@ -280,15 +309,29 @@ class Resolver:
         def open_layer() -> RemoteLayer:
             source = RegistryBlob(self.client, registry, repository, digest, size)
             pre = self.prefetcher
-            opened = RemoteLayer.open(
-                source,
-                toc_digest,
-                self.cache,
-                self.blob_dir,
-                disk=self.disk,
-                gate=pre.gate if pre is not None else None,
-                readahead=pre.readahead if pre is not None else None,
-            )
+            options = {
+                "disk": self.disk,
+                "gate": pre.gate if pre is not None else None,
+                "readahead": pre.readahead if pre is not None else None,
+            }
+            if facts.zstd is not None:
+                chunked = zstdchunked.open_toc(
+                    source.read_range, source.size, facts.zstd, layout=facts.layout
+                )
+                opened = RemoteLayer(
+                    source,
+                    chunked.toc,
+                    self.cache,
+                    self.blob_dir,
+                    decode=zstdchunked.decode_chunk,
+                    **options,  # type: ignore[arg-type]
+                )
+                with self._lock:
+                    self._chunked[ident] = chunked
+            else:
+                opened = RemoteLayer.open(
+                    source, facts.toc_digest, self.cache, self.blob_dir, **options
+                )
             with self._lock:
                 self._layers[ident] = opened
             if self.prefetcher is not None:
@@ -297,19 +340,49 @@ class Resolver:
 
         return self._layer_flight.run(ident, open_layer)
 
+    def _tar_size(self, ident: tuple[str, str, str], layer: RemoteLayer) -> int:
+        """The exact tar size of a zstd:chunked layer without a size annotation: from its
+        tar-split, or by inflating the frames between the files' data (Podman 4.x layers)."""
+        with self._lock:
+            size = self._tar_sizes.get(ident)
+            chunked = self._chunked.get(ident)
+        if size is not None:
+            return size
+        if chunked is None:
+            raise NotLazyLayer("layer has no uncompressed-size annotation")
+        started = time.monotonic()
+        size = zstdchunked.uncompressed_size(chunked, layer.source.read_range)
+        with self._lock:
+            self._tar_sizes[ident] = size
+        log.info(
+            "layer.tar_size",
+            blob=layer.source.digest,
+            size=size,
+            source="tar-split" if chunked.tar_split_size is not None else "frame-scan",
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return size
+
 
 def _find_layer(manifest: oci.Manifest, key: str) -> tuple[int, KeyKind]:
     for i, desc in enumerate(manifest.layers):
         if desc.digest == key:
             return i, KeyKind.BLOB
     for i, desc in enumerate(manifest.layers):
-        if desc.annotations.get(oci.TOC_DIGEST_ANNOTATION) == key:
+        # The keys of c/storage's toc.GetTOCDigest: eStargz TOC or zstd:chunked manifest checksum.
+        annotations = desc.annotations
+        if key in (
+            annotations.get(oci.TOC_DIGEST_ANNOTATION),
+            annotations.get(oci.ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION),
+        ):
             return i, KeyKind.TOC
     raise NotFound(f"no layer with digest or TOC digest {key}")
 
 
-def _lazy_facts(desc: oci.Descriptor) -> tuple[str, int]:
-    """The TOC digest and exact uncompressed size, or NotLazyLayer."""
+def _lazy_facts(desc: oci.Descriptor) -> LazyFacts:
+    """How to serve a layer lazily (TOC digest, exact uncompressed size), or NotLazyLayer."""
+    if oci.is_zstd_layer(desc.media_type):
+        return _zstd_facts(desc)
     if not oci.is_gzip_layer(desc.media_type):
         raise NotLazyLayer(f"media type {desc.media_type} is not served lazily")
     toc_digest = desc.annotations.get(oci.TOC_DIGEST_ANNOTATION)
@@ -319,4 +392,54 @@ def _lazy_facts(desc: oci.Descriptor) -> tuple[str, int]:
     if raw_size is None or not raw_size.isdigit():
         # Podman needs the exact uncompressed size for save/push (als-protocol.md §7, G3).
         raise NotLazyLayer("layer has no valid uncompressed-size annotation")
-    return toc_digest, int(raw_size)
+    return LazyFacts(toc_digest, int(raw_size))
+
+
+def _zstd_facts(desc: oci.Descriptor) -> LazyFacts:
+    """zstd:chunked (containers/storage, either annotation prefix) or stargz's zstd eStargz.
+
+    The uncompressed size comes from the eStargz annotation when present (ctr-remote writes
+    it), else from the layer itself (tar-split, or the frames between file data): None here.
+    """
+    ann = desc.annotations
+    checksum = ann.get(oci.ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION) or ann.get(
+        oci.ZSTD_CHUNKED_LEGACY_MANIFEST_CHECKSUM_ANNOTATION
+    )
+    toc_json = ann.get(oci.TOC_DIGEST_ANNOTATION)
+    if not checksum and not toc_json:
+        raise NotLazyLayer("zstd layer without a TOC (plain zstd)")
+    position = ann.get(oci.ZSTD_CHUNKED_MANIFEST_POSITION_ANNOTATION) or ann.get(
+        oci.ZSTD_CHUNKED_LEGACY_MANIFEST_POSITION_ANNOTATION
+    )
+    tar_split_position = ann.get(oci.ZSTD_CHUNKED_TARSPLIT_POSITION_ANNOTATION)
+    raw_size = ann.get(oci.UNCOMPRESSED_SIZE_ANNOTATION)
+    try:
+        digests = zstdchunked.TocDigests(
+            manifest_checksum=_digest_or_none(checksum),
+            toc_json=_digest_or_none(toc_json),
+            tar_split=_digest_or_none(ann.get(oci.ZSTD_CHUNKED_TARSPLIT_CHECKSUM_ANNOTATION)),
+        )
+        layout = None
+        if position:
+            tar_split = None
+            if tar_split_position:
+                tar_split = zstdchunked.parse_tarsplit_position(tar_split_position)
+            layout = zstdchunked.Layout(zstdchunked.parse_manifest_position(position), tar_split)
+    except FormatError as exc:
+        raise NotLazyLayer(f"zstd:chunked annotations unusable: {exc}") from None
+    usize = None
+    if raw_size is not None and raw_size.isascii() and raw_size.isdigit():
+        usize = int(raw_size)
+    # `toc-digest` must be the key Podman >= 5.1 derives (toc.GetTOCDigest): the current
+    # manifest-checksum, else the eStargz TOC digest (ctr-remote's zstd layers).
+    key = ann.get(oci.ZSTD_CHUNKED_MANIFEST_CHECKSUM_ANNOTATION) or toc_json or checksum
+    assert key is not None
+    return LazyFacts(key, usize, COMPRESSION_ZSTD, digests, layout)
+
+
+def _digest_or_none(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not is_digest(value):
+        raise FormatError(f"invalid digest {value[:80]!r}")
+    return value

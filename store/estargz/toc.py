@@ -25,6 +25,7 @@ __all__ = [
     "Node",
     "Toc",
     "parse_toc_json",
+    "build_toc",
     "normalize_name",
     "ROOT_ID",
     "TOC_NAME",
@@ -236,6 +237,31 @@ def parse_toc_json(data: bytes, *, toc_offset: int) -> Toc:
     if not isinstance(raw_entries, list):
         raise TocError("TOC 'entries' is not a list")
     return _Parser(toc_offset).run(raw_entries)
+
+
+def build_toc(entries: list[TocEntry], *, toc_offset: int) -> Toc:
+    """A Toc from entries another format's parser made (zstd:chunked, store.zstdchunked).
+
+    Same tree, replacement, link-count and landmark rules as parse_toc_json (§3.5 steps 5-6,
+    §7); the caller has resolved and checked every entry's chunks already.
+    """
+    tree = _TreeBuilder()
+    for index, entry in enumerate(entries):
+        try:
+            tree.add(entry)
+        except TocError as exc:
+            raise TocError(f"TOC entry {index}: {exc}") from None
+    nodes = tree.finish()
+    landmark, prefetch_end = _landmark(nodes)
+    verifiable = all(c.digest is not None for e in entries for c in e.chunks)
+    return Toc(
+        entries,
+        nodes,
+        toc_offset=toc_offset,
+        landmark=landmark,
+        prefetch_end=prefetch_end,
+        fully_verifiable=verifiable,
+    )
 
 
 class _Parser:

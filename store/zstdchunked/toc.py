@@ -1,0 +1,346 @@
+"""The zstd:chunked TOC JSON, parsed into the same Toc/TocEntry/Chunk structures as eStargz.
+
+Two writers produce it (estargz-format.md §9): containers/storage (``podman push
+--compression-format zstd:chunked``) and stargz-snapshotter (``ctr-remote --zstdchunked``). Their
+entries share the eStargz field names; containers/storage adds ``endOffset`` (where a file's last
+data frame ends), ``chunkType`` (``zeros`` chunks are still stored as frames), ``accesstime`` /
+``changetime`` and nanosecond ``modtime``s, and a top-level ``tarSplitDigest``. Payload bytes start
+a new zstd frame at ``offset``; a chunk's compressed bytes run at most to the next data offset
+(or to the metadata frames for the last one), exactly as eStargz's gzip members do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from store.digest import is_digest
+from store.errors import TocError
+from store.estargz.toc import ENTRY_TYPES, Chunk, Toc, TocEntry, build_toc, normalize_name
+
+__all__ = ["Region", "ParsedToc", "parse_toc", "parse_time_ns"]
+
+_INT64_MAX = (1 << 63) - 1
+_UINT32_MAX = (1 << 32) - 1
+_CHUNK_TYPES = frozenset({"", "zeros"})
+# RFC 3339 with optional fraction (Go marshals time.Time as RFC 3339 with nanoseconds).
+_TIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """The data frames of one file: ``[start, end)`` in the blob, *size* bytes once inflated."""
+
+    start: int
+    end: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToc:
+    toc: Toc
+    tar_split_digest: str | None  # digest of the compressed tar-split frame payload
+    # Every file's data frames, when every file with data records its endOffset
+    # (containers/storage); None for stargz-snapshotter TOCs, which do not.
+    regions: tuple[Region, ...] | None
+
+
+def parse_toc(data: bytes, *, data_end: int) -> ParsedToc:
+    """Parse TOC JSON (already digest-checked by the caller).
+
+    *data_end* is where the metadata frames start: every data offset must lie below it, and it
+    bounds the last chunk's compressed bytes.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise TocError(f"TOC is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise TocError("TOC JSON is not an object")
+    version = doc.get("version")
+    if type(version) is not int or version != 1:
+        raise TocError(f"unsupported TOC version {version!r}")
+    raw_entries = doc.get("entries")
+    if raw_entries is None:
+        raw_entries = []
+    if not isinstance(raw_entries, list):
+        raise TocError("TOC 'entries' is not a list")
+    tar_split = doc.get("tarSplitDigest")
+    if tar_split is not None and (type(tar_split) is not str or not is_digest(tar_split)):
+        raise TocError(f"invalid tarSplitDigest {str(tar_split)[:80]!r}")
+    if data_end <= 0:
+        raise TocError(f"no room for data before offset {data_end}")
+    parser = _Parser(data_end)
+    for index, raw in enumerate(raw_entries):
+        try:
+            parser.add(raw)
+        except TocError as exc:
+            raise TocError(f"TOC entry {index}: {exc}") from None
+    parser.close_file()
+    _resolve_blob_ends(parser.data_chunks, data_end)
+    regions = parser.regions()
+    toc = build_toc(parser.entries, toc_offset=data_end)
+    return ParsedToc(toc, tar_split or None, regions)
+
+
+@dataclass(slots=True)
+class _Spec:
+    file_offset: int
+    size: int  # 0 = to the next chunk / end of file
+    blob_offset: int
+    inner_offset: int
+    digest: str | None
+
+
+class _Parser:
+    def __init__(self, data_end: int) -> None:
+        self.data_end = data_end
+        self.entries: list[TocEntry] = []
+        self.data_chunks: list[Chunk] = []
+        self.ends: list[tuple[TocEntry, int]] = []  # (file, endOffset or 0), files with data
+        self.mtimes: dict[str, int] = {}
+        self.user_names: dict[int, str] = {}
+        self.group_names: dict[int, str] = {}
+        self.open: TocEntry | None = None
+        self.open_end = 0
+        self.specs: list[_Spec] = []
+
+    def add(self, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            raise TocError("entry is not an object")
+        etype = _str(raw, "type")
+        if etype == "chunk":
+            # A chunk continues the regular file right before it; its name is not used.
+            if self.open is None:
+                raise TocError("'chunk' entry does not follow a 'reg' entry")
+            self.specs.append(_spec(raw))
+            return
+        if etype not in ENTRY_TYPES:
+            raise TocError(f"unknown entry type {etype!r}")
+        self.close_file()
+        entry = self._entry(raw, etype)
+        self.entries.append(entry)
+        if etype == "reg":
+            self.open = entry
+            self.open_end = _int(raw, "endOffset")
+            self.specs = [_spec(raw)]
+
+    def _entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
+        name = normalize_name(_text(raw, "name"))
+        uid = _int(raw, "uid", _UINT32_MAX)
+        gid = _int(raw, "gid", _UINT32_MAX)
+        # stargz-snapshotter de-duplicates userName/groupName: remember id -> name.
+        user_name = _str(raw, "userName") or self.user_names.get(uid, "")
+        group_name = _str(raw, "groupName") or self.group_names.get(gid, "")
+        if user_name:
+            self.user_names[uid] = user_name
+        if group_name:
+            self.group_names[gid] = group_name
+        link_name = _text(raw, "linkName")
+        if etype == "hardlink":
+            link_name = normalize_name(link_name)
+        if etype in ("symlink", "hardlink") and not link_name:
+            raise TocError(f"{etype} {name!r} has no linkName")
+        digest = _str(raw, "digest") or None
+        if digest is not None and not is_digest(digest):
+            raise TocError(f"invalid digest {digest[:80]!r}")
+        return TocEntry(
+            name=name,
+            type=etype,
+            size=_int(raw, "size") if etype == "reg" else 0,
+            mode=_int(raw, "mode") & 0o7777,  # the type comes from 'type'
+            uid=uid,
+            gid=gid,
+            mtime_ns=self._mtime(_str(raw, "modtime")),
+            link_name=link_name,
+            dev_major=_int(raw, "devMajor", _UINT32_MAX),
+            dev_minor=_int(raw, "devMinor", _UINT32_MAX),
+            xattrs=_xattrs(raw.get("xattrs")),
+            digest=digest,
+            user_name=user_name,
+            group_name=group_name,
+        )
+
+    def _mtime(self, text: str) -> int:
+        cached = self.mtimes.get(text)
+        if cached is None:
+            cached = self.mtimes[text] = parse_time_ns(text)
+        return cached
+
+    def close_file(self) -> None:
+        entry, specs, end = self.open, self.specs, self.open_end
+        if entry is None:
+            return
+        self.open, self.specs, self.open_end = None, [], 0
+        try:
+            entry.chunks = _resolve_chunks(entry, specs, self.data_end)
+            if entry.chunks:
+                if end and not entry.chunks[-1].blob_offset < end <= self.data_end:
+                    raise TocError(f"endOffset {end} outside its data frames")
+                self.ends.append((entry, end))
+            elif end:
+                raise TocError("empty file has an endOffset")
+        except TocError as exc:
+            raise TocError(f"{entry.name!r}: {exc}") from None
+        self.data_chunks.extend(entry.chunks)
+
+    def regions(self) -> tuple[Region, ...] | None:
+        if any(end == 0 for _, end in self.ends):
+            return None
+        regions = tuple(Region(e.chunks[0].blob_offset, end, e.size) for e, end in self.ends)
+        for chunk_end, (entry, end) in zip(_last_blob_ends(self.ends), self.ends, strict=True):
+            if end > chunk_end:
+                raise TocError(f"{entry.name!r}: endOffset {end} runs into the next data frame")
+        return regions
+
+
+def _spec(raw: dict[str, Any]) -> _Spec:
+    digest = _str(raw, "chunkDigest") or None
+    if digest is not None and not is_digest(digest):
+        raise TocError(f"invalid chunkDigest {digest[:80]!r}")
+    if _str(raw, "chunkType") not in _CHUNK_TYPES:
+        raise TocError(f"unknown chunkType {_str(raw, 'chunkType')[:40]!r}")
+    return _Spec(
+        file_offset=_int(raw, "chunkOffset"),
+        size=_int(raw, "chunkSize"),
+        blob_offset=_int(raw, "offset"),
+        inner_offset=_int(raw, "innerOffset"),
+        digest=digest,
+    )
+
+
+def _resolve_chunks(entry: TocEntry, specs: list[_Spec], data_end: int) -> list[Chunk]:
+    if entry.size == 0:
+        if len(specs) > 1:
+            raise TocError("empty file has chunk entries")
+        return []
+    chunks: list[Chunk] = []
+    pos = 0
+    for i, spec in enumerate(specs):
+        if spec.file_offset != pos:
+            raise TocError(f"chunk at file offset {spec.file_offset}, expected {pos}")
+        size = spec.size
+        if size == 0:
+            end = specs[i + 1].file_offset if i + 1 < len(specs) else entry.size
+            size = end - spec.file_offset
+        if size <= 0:
+            raise TocError(f"chunk at file offset {pos} has size {size}")
+        if spec.blob_offset == 0 and spec.inner_offset == 0:
+            # The first frame always starts with a tar header, never with file data.
+            raise TocError(f"chunk at file offset {pos} has no blob offset")
+        if spec.blob_offset >= data_end:
+            raise TocError(f"chunk blob offset {spec.blob_offset} not below the TOC")
+        digest = spec.digest
+        if digest is None and len(specs) == 1:
+            digest = entry.digest  # one chunk: the file digest covers exactly its bytes
+        chunks.append(Chunk(pos, size, spec.blob_offset, 0, spec.inner_offset, digest))
+        pos += size
+    if pos != entry.size:
+        raise TocError(f"chunks cover {pos} bytes, file size is {entry.size}")
+    return chunks
+
+
+def _resolve_blob_ends(chunks: list[Chunk], data_end: int) -> None:
+    # Walking backwards: a chunk's bytes end where the next data frame starts (the tar header
+    # frames in between are harmless: decoding stops after the chunk's size).
+    last = data_end
+    for chunk in reversed(chunks):
+        if last <= chunk.blob_offset:
+            raise TocError(
+                f"data offsets not increasing: frame at {chunk.blob_offset} is followed by {last}"
+            )
+        chunk.blob_end = last
+        if chunk.inner_offset == 0:
+            last = chunk.blob_offset
+
+
+def _last_blob_ends(ends: list[tuple[TocEntry, int]]) -> list[int]:
+    return [entry.chunks[-1].blob_end for entry, _ in ends]
+
+
+# ---------------------------------------------------------------------------- fields
+
+
+def parse_time_ns(text: str) -> int:
+    """RFC 3339 (nanoseconds kept) -> ns since the epoch; absent, zero or invalid -> 0."""
+    m = _TIME_RE.match(text) if text else None
+    if m is None:
+        return 0
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    if year <= 1:  # Go's zero time (0001-01-01T00:00:00Z) means "not set"
+        return 0
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        return 0
+    days = _days_from_civil(year, month, day)
+    seconds = ((days * 24 + hour) * 60 + minute) * 60 + second
+    if m.group(9):
+        offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
+        seconds -= offset if m.group(9) == "+" else -offset
+    fraction = m.group(7) or ""
+    return seconds * 1_000_000_000 + int(fraction.ljust(9, "0") or 0)
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    # Days since 1970-01-01 in the proleptic Gregorian calendar (H. Hinnant's algorithm).
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _int(raw: Mapping[str, Any], key: str, maximum: int = _INT64_MAX) -> int:
+    value = raw.get(key)
+    if value is None:
+        return 0
+    if type(value) is not int:  # JSON true is not a number
+        raise TocError(f"{key!r} is not an integer: {value!r:.80}")
+    if not 0 <= value <= maximum:
+        raise TocError(f"{key!r} out of range: {value}")
+    return value
+
+
+def _str(raw: Mapping[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if type(value) is not str:
+        raise TocError(f"{key!r} is not a string: {value!r:.80}")
+    return value
+
+
+def _text(raw: Mapping[str, Any], key: str) -> str:
+    value = _str(raw, key)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TocError(f"{key!r} is not valid Unicode: {value!r:.80}") from None
+    return value
+
+
+def _xattrs(value: Any) -> dict[str, bytes]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TocError("'xattrs' is not an object")
+    out: dict[str, bytes] = {}
+    for key, encoded in value.items():
+        if not key or type(encoded) is not str:
+            raise TocError(f"bad xattr {key!r:.80}")
+        try:
+            key.encode("utf-8")
+            out[key] = base64.b64decode(encoded, validate=True)
+        except UnicodeEncodeError:
+            raise TocError(f"xattr name {key!r:.80} is not valid Unicode") from None
+        except (binascii.Error, ValueError):
+            raise TocError(f"xattr {key!r:.80} is not base64") from None
+    return out
