@@ -209,6 +209,36 @@ class RemoteLayer:
             i += 1
         return b"".join(parts)
 
+    def read_cached(self, entry: TocEntry, offset: int, size: int) -> bytes | None:
+        """The bytes if every chunk they need is in the memory cache, else None. Never blocks.
+
+        The FUSE front calls this on its event loop before handing a read to a worker thread:
+        a sequential reader issues dozens of kernel reads per chunk, and all but the first are
+        hits, which are far cheaper to serve here than to send through a thread.
+        """
+        end = min(entry.size, offset + size)
+        if entry.type != "reg" or offset >= end:
+            return None
+        chunks = entry.chunks
+        i = max(0, bisect.bisect_right(chunks, offset, key=_file_offset) - 1)
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            chunk = chunks[i]
+            if chunk.digest is None:
+                return None
+            data = self.cache.get(_key(chunk))
+            if data is None:
+                return None
+            lo = pos - chunk.file_offset
+            hi = min(end - chunk.file_offset, chunk.size)
+            parts.append(data[lo:hi])
+            pos = chunk.file_offset + hi
+            i += 1
+        if self.readahead is not None and i < len(chunks):
+            self._read_ahead(chunks, i)  # keep the window ahead of a sequential reader
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _read_ahead(self, chunks: list[Chunk], start: int) -> None:
         """Fetch the next window of a file being read while the reader consumes this one, so
         network, inflate and hashing overlap with the reads (sequential throughput)."""

@@ -23,6 +23,7 @@ from store.chunkcache import ChunkCache
 from store.digest import is_digest
 from store.errors import FormatError, LayerstoreError, NotFound, NotLazyLayer
 from store.layer import RemoteLayer
+from store.memory import release_free_memory
 from store.reference import Reference
 from store.registry.client import RegistryClient
 from store.singleflight import SingleFlight
@@ -334,6 +335,7 @@ class Resolver:
                 )
             with self._lock:
                 self._layers[ident] = opened
+            release_free_memory()  # the parse peak of a big TOC would otherwise stay resident
             if self.prefetcher is not None:
                 self.prefetcher.layer_opened(opened)  # first use: start the prefetch
             return opened

@@ -3,9 +3,11 @@
 Entries are named by their chunk digest, so they are shared by every layer and image that
 holds the same bytes, and every hit is re-hashed before it is returned: a file damaged on disk
 (or by hand) is a miss and is deleted, never served. Writes go to a temporary file that is
-fsynced and renamed into place, so a crash (even SIGKILL mid-write) leaves either no entry or a
-whole one; stale temporaries are removed at start. Recency is kept in the files' mtimes, so the
-LRU order survives restarts.
+renamed into place, so a crash of the store (even SIGKILL mid-write) leaves either no entry or a
+whole one; stale temporaries are removed at start. There is no fsync: after a power loss the
+kernel may have kept the rename but not the data, and the re-hash on read turns such an entry
+into a miss, so an fsync per chunk would cost throughput and buy nothing. Recency is kept in
+the files' mtimes, so the LRU order survives restarts.
 """
 
 from __future__ import annotations
@@ -99,8 +101,6 @@ class DiskChunkCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             # A full or read-only disk costs speed, never correctness.

@@ -298,6 +298,9 @@ class Operations(pyfuse3.Operations):
             entry = layer.view.entry(loc.node_id)
             if entry is None or entry.type != "reg":
                 raise _err(errno.EISDIR)
+            cached = layer.read_cached(entry, off, size)
+            if cached is not None:
+                return cached
             return await self._read_or_eio(
                 layer.read_file,
                 entry,

@@ -92,7 +92,7 @@ def test_torn_writes_are_cleared_at_start(tmp_path: Path) -> None:
 
 
 def test_writes_are_atomic_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The final name only ever appears with complete content (written + fsynced first)."""
+    """The final name only ever appears with complete content (written before the rename)."""
     cache = DiskChunkCache(tmp_path, 1 << 20)
     data = os.urandom(100_000)
     seen: list[tuple[str, int]] = []
