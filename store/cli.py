@@ -20,7 +20,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 DESCRIPTION = """\
-layerstore serves eStargz image layers lazily to Podman, Buildah and CRI-O as a
+layerstore serves eStargz and zstd:chunked image layers lazily to Podman, Buildah and CRI-O as a
 containers/storage additional layer store: containers start before their layers are
 downloaded; file contents are fetched on demand with HTTP Range requests and verified
 against the layer's TOC digest before they are served.
