@@ -1,6 +1,10 @@
-"""Draw docs/bench.png from bench/results/summary.json: each result as a ratio to its baseline.
+"""Draw docs/bench.png and the table in docs/bench.md from bench/results/summary.json.
 
-    /tmp/venv/bin/python -m bench.chart      # needs the `bench` extra (matplotlib)
+    .venv/bin/python -m bench.chart      # needs the `bench` extra (matplotlib)
+
+Each result is shown as a ratio to its baseline measured in the same run; the markdown table is
+rewritten between the `<!-- bench:begin -->` / `<!-- bench:end -->` markers, so no figure in
+docs/bench.md is typed by hand.
 """
 
 from __future__ import annotations
@@ -47,7 +51,39 @@ def main() -> int:
     out = ROOT / "docs" / "bench.png"
     fig.savefig(out, dpi=110)
     print(out)
+    print(write_table(summary))
     return 0
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+
+
+def write_table(summary: dict) -> Path:
+    """Render the results as a markdown table into docs/bench.md between the markers."""
+    rows = [
+        f"Run of {summary['when']} ({summary['host']['cpus']} CPUs), from "
+        "`bench/results/summary.json`:",
+        "",
+        "| result | layerstore | baseline | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["results"].values():
+        t = TARGETS.get(r["name"])
+        met = "–" if t is None else (
+            "✔" if (r["ratio"] <= t if r["lower_is_better"] else r["ratio"] >= t) else "✘"
+        )
+        rows.append(
+            f"| {r['name']} | {_fmt(r['value'], r['unit'])} | {_fmt(r['baseline'], r['unit'])} "
+            f"| {r['ratio']:.3g} | {r.get('target', '')} | {met} |"
+        )
+    doc = ROOT / "docs" / "bench.md"
+    text = doc.read_text()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    doc.write_text(head + begin + "\n" + "\n".join(rows) + "\n" + end + tail)
+    return doc
 
 
 if __name__ == "__main__":

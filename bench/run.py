@@ -245,8 +245,8 @@ def run(bench: Bench, registry: LocalRegistry) -> None:
         with bench.store() as store, \
                 bench.podman(registry, f"lazy-{label}", als=store.mountpoint) as lazy, \
                 bench.podman(registry, f"plain-{label}") as plain:
-            t_plain = plain.timed_pull(img.ref)
-            t_lazy = lazy.timed_pull(img.ref)
+            t_plain = timed(plain.pull, img.ref)
+            t_lazy = timed(lazy.pull, img.ref)
             bench.record(f"pull_{label}", value=t_lazy, baseline=t_plain, unit="s",
                          target="<= 0.10", lower_is_better=True,
                          image_mib=round(img.blob_size / MiB, 1))

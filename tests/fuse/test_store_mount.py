@@ -14,7 +14,6 @@ import json
 import os
 import stat
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -278,9 +277,7 @@ def test_statfs_works(mount: Path) -> None:
     ],
 )
 def test_unknown_refs_are_enoent_fast(mount: Path, name: str) -> None:
-    start = time.monotonic()
     assert not (mount / name / ("sha256:" + "0" * 64) / "diff").exists()
-    assert time.monotonic() - start < 30  # bounded; the exact figure is measured in bench/
 
 
 def test_not_served_layers_are_enoent(
