@@ -278,7 +278,7 @@ class _Parser:
         self.tree = _TreeBuilder()
         # The reg entry whose chunk list is still open, with its raw chunk specs.
         self.open_reg: TocEntry | None = None
-        self.open_specs: list[_ChunkSpec] = []
+        self.open_specs: list[ChunkSpec] = []
         self.last_type = ""
 
     def run(self, raw_entries: list[Any]) -> Toc:
@@ -288,7 +288,7 @@ class _Parser:
             except TocError as exc:
                 raise TocError(f"TOC entry {index}: {exc}") from None
         self.close_reg()
-        _resolve_blob_ends(self.data_chunks, self.toc_offset)
+        resolve_blob_ends(self.data_chunks, self.toc_offset)
         nodes = self.tree.finish()
         landmark, prefetch_end = _landmark(nodes)
         verifiable = all(c.digest is not None for c in self.data_chunks)
@@ -309,7 +309,7 @@ class _Parser:
             # §3.5 step 2: a chunk belongs to the last non-chunk entry; its name is ignored.
             if self.open_reg is None:
                 raise TocError(f"'chunk' entry does not follow a 'reg' entry ({self.last_type!r})")
-            self.open_specs.append(_ChunkSpec.parse(raw))
+            self.open_specs.append(ChunkSpec.parse(raw))
             return
         if etype not in ENTRY_TYPES:
             raise TocError(f"unknown entry type {etype!r}")
@@ -320,7 +320,7 @@ class _Parser:
         self.tree.add(entry)
         if etype == "reg":
             self.open_reg = entry
-            self.open_specs = [_ChunkSpec.parse(raw)]
+            self.open_specs = [ChunkSpec.parse(raw)]
 
     def make_entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
         name = normalize_name(_text(raw, "name"))
@@ -376,14 +376,14 @@ class _Parser:
             return
         self.open_reg, self.open_specs = None, []
         try:
-            entry.chunks = _resolve_chunks(entry, specs, self.toc_offset)
+            entry.chunks = resolve_chunks(entry, specs, self.toc_offset)
         except TocError as exc:
             raise TocError(f"{entry.name!r}: {exc}") from None
         self.data_chunks.extend(entry.chunks)
 
 
 @dataclass(slots=True)
-class _ChunkSpec:
+class ChunkSpec:
     file_offset: int
     size: int  # 0 = "to the next chunk / end of file"
     blob_offset: int
@@ -391,7 +391,7 @@ class _ChunkSpec:
     digest: str | None
 
     @classmethod
-    def parse(cls, raw: dict[str, Any]) -> _ChunkSpec:
+    def parse(cls, raw: dict[str, Any]) -> ChunkSpec:
         digest = _str(raw, "chunkDigest") or None
         if digest is not None and not is_digest(digest):
             raise TocError(f"invalid chunkDigest {digest[:80]!r}")
@@ -404,7 +404,9 @@ class _ChunkSpec:
         )
 
 
-def _resolve_chunks(entry: TocEntry, specs: list[_ChunkSpec], toc_offset: int) -> list[Chunk]:
+def resolve_chunks(entry: TocEntry, specs: list[ChunkSpec], toc_offset: int) -> list[Chunk]:
+    """A file's chunks from its TOC records (§3.5 steps 2-3), validated; shared with the
+    zstd:chunked TOC, whose records have the same fields."""
     if entry.size == 0:
         if len(specs) > 1:
             raise TocError("empty file has chunk entries")
@@ -440,8 +442,9 @@ def _resolve_chunks(entry: TocEntry, specs: list[_ChunkSpec], toc_offset: int) -
     return chunks[:]  # an exact-size copy: no over-allocated list per file
 
 
-def _resolve_blob_ends(chunks: list[Chunk], toc_offset: int) -> None:
-    # §3.5 step 7, walking backwards; the TOC member bounds the last data member.
+def resolve_blob_ends(chunks: list[Chunk], toc_offset: int) -> None:
+    """Set each data chunk's fetch bound (§3.5 step 7), walking backwards; the TOC bounds the
+    last one. Tar headers between members are harmless: decoding stops after the chunk."""
     last = toc_offset
     for chunk in reversed(chunks):
         if last <= chunk.blob_offset:

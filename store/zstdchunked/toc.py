@@ -21,7 +21,17 @@ from typing import Any
 
 from store.digest import is_digest
 from store.errors import TocError
-from store.estargz.toc import ENTRY_TYPES, Chunk, Toc, TocEntry, build_toc, normalize_name
+from store.estargz.toc import (
+    ENTRY_TYPES,
+    Chunk,
+    ChunkSpec,
+    Toc,
+    TocEntry,
+    build_toc,
+    normalize_name,
+    resolve_blob_ends,
+    resolve_chunks,
+)
 
 __all__ = ["Region", "ParsedToc", "parse_toc", "parse_time_ns"]
 
@@ -85,19 +95,10 @@ def parse_toc(data: bytes, *, data_end: int) -> ParsedToc:
         except TocError as exc:
             raise TocError(f"TOC entry {index}: {exc}") from None
     parser.close_file()
-    _resolve_blob_ends(parser.data_chunks, data_end)
+    resolve_blob_ends(parser.data_chunks, data_end)
     regions = parser.regions()
     toc = build_toc(parser.entries, toc_offset=data_end)
     return ParsedToc(toc, tar_split or None, regions)
-
-
-@dataclass(slots=True)
-class _Spec:
-    file_offset: int
-    size: int  # 0 = to the next chunk / end of file
-    blob_offset: int
-    inner_offset: int
-    digest: str | None
 
 
 class _Parser:
@@ -111,7 +112,7 @@ class _Parser:
         self.group_names: dict[int, str] = {}
         self.open: TocEntry | None = None
         self.open_end = 0
-        self.specs: list[_Spec] = []
+        self.specs: list[ChunkSpec] = []
 
     def add(self, raw: Any) -> None:
         if not isinstance(raw, dict):
@@ -181,7 +182,7 @@ class _Parser:
             return
         self.open, self.specs, self.open_end = None, [], 0
         try:
-            entry.chunks = _resolve_chunks(entry, specs, self.data_end)
+            entry.chunks = resolve_chunks(entry, specs, self.data_end)
             if entry.chunks:
                 if end and not entry.chunks[-1].blob_offset < end <= self.data_end:
                     raise TocError(f"endOffset {end} outside its data frames")
@@ -202,64 +203,10 @@ class _Parser:
         return regions
 
 
-def _spec(raw: dict[str, Any]) -> _Spec:
-    digest = _str(raw, "chunkDigest") or None
-    if digest is not None and not is_digest(digest):
-        raise TocError(f"invalid chunkDigest {digest[:80]!r}")
+def _spec(raw: dict[str, Any]) -> ChunkSpec:
     if _str(raw, "chunkType") not in _CHUNK_TYPES:
         raise TocError(f"unknown chunkType {_str(raw, 'chunkType')[:40]!r}")
-    return _Spec(
-        file_offset=_int(raw, "chunkOffset"),
-        size=_int(raw, "chunkSize"),
-        blob_offset=_int(raw, "offset"),
-        inner_offset=_int(raw, "innerOffset"),
-        digest=digest,
-    )
-
-
-def _resolve_chunks(entry: TocEntry, specs: list[_Spec], data_end: int) -> list[Chunk]:
-    if entry.size == 0:
-        if len(specs) > 1:
-            raise TocError("empty file has chunk entries")
-        return []
-    chunks: list[Chunk] = []
-    pos = 0
-    for i, spec in enumerate(specs):
-        if spec.file_offset != pos:
-            raise TocError(f"chunk at file offset {spec.file_offset}, expected {pos}")
-        size = spec.size
-        if size == 0:
-            end = specs[i + 1].file_offset if i + 1 < len(specs) else entry.size
-            size = end - spec.file_offset
-        if size <= 0:
-            raise TocError(f"chunk at file offset {pos} has size {size}")
-        if spec.blob_offset == 0 and spec.inner_offset == 0:
-            # The first frame always starts with a tar header, never with file data.
-            raise TocError(f"chunk at file offset {pos} has no blob offset")
-        if spec.blob_offset >= data_end:
-            raise TocError(f"chunk blob offset {spec.blob_offset} not below the TOC")
-        digest = spec.digest
-        if digest is None and len(specs) == 1:
-            digest = entry.digest  # one chunk: the file digest covers exactly its bytes
-        chunks.append(Chunk(pos, size, spec.blob_offset, 0, spec.inner_offset, digest))
-        pos += size
-    if pos != entry.size:
-        raise TocError(f"chunks cover {pos} bytes, file size is {entry.size}")
-    return chunks
-
-
-def _resolve_blob_ends(chunks: list[Chunk], data_end: int) -> None:
-    # Walking backwards: a chunk's bytes end where the next data frame starts (the tar header
-    # frames in between are harmless: decoding stops after the chunk's size).
-    last = data_end
-    for chunk in reversed(chunks):
-        if last <= chunk.blob_offset:
-            raise TocError(
-                f"data offsets not increasing: frame at {chunk.blob_offset} is followed by {last}"
-            )
-        chunk.blob_end = last
-        if chunk.inner_offset == 0:
-            last = chunk.blob_offset
+    return ChunkSpec.parse(raw)  # same fields as eStargz chunk records
 
 
 def _last_blob_ends(ends: list[tuple[TocEntry, int]]) -> list[int]:
