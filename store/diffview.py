@@ -72,7 +72,7 @@ class DiffView:
                 target = name[len(WHITEOUT_PREFIX) :]
                 # A real entry of the same name in this layer wins over the whiteout.
                 if target and target not in visible:
-                    marker = self.toc.node(children[name]).entry
+                    marker = self.toc.entry(children[name])
                     visible[target] = self._toc_nodes + len(self._whiteouts)
                     self._whiteouts.append(marker.mtime_ns)
         self._children[node_id] = visible
@@ -87,7 +87,7 @@ class DiffView:
     def entry(self, node_id: int) -> TocEntry | None:
         if self.is_whiteout(node_id):
             return None
-        return self.toc.node(node_id).entry
+        return self.toc.entry(node_id)
 
     def children(self, node_id: int) -> dict[str, int]:
         if self.is_whiteout(node_id):
@@ -104,13 +104,12 @@ class DiffView:
         if self.is_whiteout(node_id):
             mtime = self._whiteouts[node_id - self._toc_nodes]
             return Attr(stat.S_IFCHR, 0, 0, 0, mtime, 1, 0)
-        node = self.toc.node(node_id)
-        e = node.entry
+        e = self.toc.entry(node_id)
         size = (
             e.size if e.type == "reg" else len(e.link_name.encode()) if e.type == "symlink" else 0
         )
         rdev = os.makedev(e.dev_major, e.dev_minor) if e.type in ("char", "block") else 0
-        nlink = node.nlink
+        nlink = self.toc.nlink(node_id)
         if e.type == "dir":
             nlink = 2 + sum(1 for i in self.children(node_id).values() if self._is_dir(i))
         return Attr(
@@ -124,7 +123,7 @@ class DiffView:
         )
 
     def _is_dir(self, node_id: int) -> bool:
-        return not self.is_whiteout(node_id) and self.toc.node(node_id).entry.type == "dir"
+        return not self.is_whiteout(node_id) and self.toc.entry(node_id).type == "dir"
 
     def readlink(self, node_id: int) -> str | None:
         e = self.entry(node_id)
@@ -142,4 +141,4 @@ class DiffView:
         """Best-effort path for log lines."""
         if self.is_whiteout(node_id):
             return "<whiteout>"
-        return self.toc.node(node_id).entry.name or "/"
+        return self.toc.entry(node_id).name or "/"

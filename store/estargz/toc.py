@@ -9,12 +9,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+from array import array
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+from weakref import WeakValueDictionary
 
 from store.digest import is_digest
 from store.errors import TocError
@@ -97,7 +100,7 @@ class TocEntry:
     group_name: str = ""
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Node:
     """A filesystem object. Hardlinked names share one node (and its entry)."""
 
@@ -130,14 +133,21 @@ def normalize_name(name: str) -> str:
 
 
 class Toc:
-    """Entries in TOC order plus the directory tree built from them (§3.5)."""
+    """Entries in TOC order plus the directory tree built from them (§3.5).
 
-    __slots__ = ("entries", "toc_offset", "landmark", "prefetch_end", "fully_verifiable", "_nodes")
+    The tree is held as parallel per-node columns (entry, parent, link count) and one
+    children dict per directory, not as a Node object per file: a 100,000-file layer stays
+    small. node() builds a Node view on demand.
+    """
+
+    __slots__ = (
+        "entries", "toc_offset", "landmark", "prefetch_end", "fully_verifiable", "_tree", "_views"
+    )
 
     def __init__(
         self,
         entries: list[TocEntry],
-        nodes: list[Node],
+        tree: _Tree,
         *,
         toc_offset: int,
         landmark: str | None,
@@ -149,7 +159,9 @@ class Toc:
         self.landmark = landmark  # 'prefetch', 'no-prefetch' or None (§7)
         self.prefetch_end = prefetch_end  # blob offset of .prefetch.landmark, if it governs
         self.fully_verifiable = fully_verifiable  # every data chunk has a digest (§6.5)
-        self._nodes = nodes
+        self._tree = tree
+        # Node views alive somewhere: node(i) is node(j) holds for hardlinked names.
+        self._views: WeakValueDictionary[int, Node] = WeakValueDictionary()
 
     @classmethod
     def parse(cls, data: bytes, *, toc_offset: int) -> Toc:
@@ -161,31 +173,60 @@ class Toc:
 
     @property
     def node_count(self) -> int:
-        return len(self._nodes)
+        return len(self._tree.entries)
 
     def node(self, node_id: int) -> Node:
-        if not 0 <= node_id < len(self._nodes):
+        """A read-only view of one node, built on demand (the same object while it lives)."""
+        tree = self._tree
+        if not 0 <= node_id < len(tree.entries):
             raise KeyError(node_id)
-        return self._nodes[node_id]
+        view = self._views.get(node_id)
+        if view is None:
+            view = self._views[node_id] = Node(
+                node_id,
+                tree.entries[node_id],
+                tree.parents[node_id],
+                tree.children.get(node_id),
+                tree.nlinks[node_id],
+            )
+        return view
+
+    def entry(self, node_id: int) -> TocEntry:
+        """node(node_id).entry without building the Node."""
+        if node_id < 0:
+            raise KeyError(node_id)
+        try:
+            return self._tree.entries[node_id]
+        except IndexError:
+            raise KeyError(node_id) from None
+
+    def nlink(self, node_id: int) -> int:
+        self.entry(node_id)  # bounds check
+        return self._tree.nlinks[node_id]
+
+    def is_dir(self, node_id: int) -> bool:
+        return node_id in self._tree.children
 
     def children(self, node_id: int) -> Mapping[str, int]:
         """Name -> node id of a directory, in TOC order; empty for non-directories."""
-        children = self.node(node_id).children
-        return _NO_CHILDREN if children is None else children
+        self.entry(node_id)  # bounds check
+        return self._tree.children.get(node_id, _NO_CHILDREN)
 
     def lookup(self, path: str) -> int | None:
         """Node id for *path* ('' or '/' is the root), or None if it does not exist."""
-        node = self._nodes[ROOT_ID]
+        dirs = self._tree.children
+        node_id = ROOT_ID
         for part in path.split("/"):
             if part in ("", "."):
                 continue
-            if node.children is None or part == "..":
+            children = dirs.get(node_id)
+            if children is None or part == "..":
                 return None
-            child = node.children.get(part)
+            child = children.get(part)
             if child is None:
                 return None
-            node = self._nodes[child]
-        return node.id
+            node_id = child
+        return node_id
 
     def chunk_index_for(self, node_or_entry: Node | TocEntry, file_offset: int) -> int:
         """Index of the chunk containing *file_offset*; IndexError outside ``[0, size)``."""
@@ -222,21 +263,97 @@ def parse_toc_json(data: bytes, *, toc_offset: int) -> Toc:
     *toc_offset* is the blob offset of the TOC member: it bounds the last data chunk
     (``blob_end``) and every data offset must lie below it.
     """
+    parser = _Parser(toc_offset)
     try:
-        doc = json.loads(data)
+        version = _stream_doc(data, parser)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise TocError(f"TOC is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise TocError("TOC JSON is not an object")
-    version = doc.get("version")
     if type(version) is not int or version != 1:
         raise TocError(f"unsupported TOC version {version!r}")
-    raw_entries = doc.get("entries")
-    if raw_entries is None:
-        raw_entries = []
-    if not isinstance(raw_entries, list):
+    return parser.finish()
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _stream_doc(data: bytes, parser: _Parser) -> object:
+    """Decode the top-level TOC object, handing each entry to *parser* as soon as it is
+    decoded; returns the 'version' value.
+
+    json.loads would build every entry dict before the first is looked at: for 100,000
+    entries that peak is ~100 MB of short-lived dicts interleaved with the long-lived
+    objects, and the heap stays fragmented (resident) after they are freed.
+    """
+    text = data.decode(json.detect_encoding(data), "surrogatepass")
+    ws, decode = _WS.match, _DECODER.raw_decode
+    i = ws(text).end()
+    if text[i : i + 1] != "{":
+        if text[i : i + 1] in ("[", '"') or text[i : i + 1].isdigit():
+            decode(text, i)  # valid JSON that is not an object, or a JSON error
+            raise TocError("TOC JSON is not an object")
+        raise ValueError(f"expected an object at {i}")
+    version: object = None
+    seen_entries = False
+    i = ws(text, i + 1).end()
+    if text[i : i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i : i + 1] != '"':
+                raise ValueError(f"expected a key at {i}")
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = ws(text, i).end()
+            if text[i : i + 1] != ":":
+                raise ValueError(f"expected ':' at {i}")
+            i = ws(text, i + 1).end()
+            if key == "entries":
+                if seen_entries:
+                    raise TocError("TOC has two 'entries' keys")
+                seen_entries = True
+                i = _stream_entries(text, i, parser)
+            else:
+                value, i = decode(text, i)
+                if key == "version":
+                    version = value
+            i = ws(text, i).end()
+            sep = text[i : i + 1]
+            i = ws(text, i + 1).end()
+            if sep == "}":
+                break
+            if sep != ",":
+                raise ValueError(f"expected ',' or '}}' at {i}")
+    if ws(text, i).end() != len(text):
+        raise ValueError(f"extra data at {i}")
+    return version
+
+
+def _stream_entries(text: str, i: int, parser: _Parser) -> int:
+    ws, decode = _WS.match, _DECODER.raw_decode
+    if text.startswith("null", i):
+        return i + 4
+    if text[i : i + 1] != "[":
+        decode(text, i)  # a JSON error, or valid JSON of the wrong type
         raise TocError("TOC 'entries' is not a list")
-    return _Parser(toc_offset).run(raw_entries)
+    i = ws(text, i + 1).end()
+    if text[i : i + 1] == "]":
+        return i + 1
+    index = 0
+    while True:
+        raw, i = decode(text, i)
+        try:
+            parser.add(raw)
+        except TocError as exc:
+            raise TocError(f"TOC entry {index}: {exc}") from None
+        del raw
+        index += 1
+        i = ws(text, i).end()
+        sep = text[i : i + 1]
+        i = ws(text, i + 1).end()
+        if sep == "]":
+            return i
+        if sep != ",":
+            raise ValueError(f"expected ',' or ']' at {i}")
 
 
 def build_toc(entries: list[TocEntry], *, toc_offset: int) -> Toc:
@@ -281,12 +398,7 @@ class _Parser:
         self.open_specs: list[ChunkSpec] = []
         self.last_type = ""
 
-    def run(self, raw_entries: list[Any]) -> Toc:
-        for index, raw in enumerate(raw_entries):
-            try:
-                self.add(raw)
-            except TocError as exc:
-                raise TocError(f"TOC entry {index}: {exc}") from None
+    def finish(self) -> Toc:
         self.close_reg()
         resolve_blob_ends(self.data_chunks, self.toc_offset)
         nodes = self.tree.finish()
@@ -456,18 +568,28 @@ def resolve_blob_ends(chunks: list[Chunk], toc_offset: int) -> None:
             last = chunk.blob_offset
 
 
-def _landmark(nodes: list[Node]) -> tuple[str | None, int | None]:
-    root_children = nodes[ROOT_ID].children or {}
+def _landmark(tree: _Tree) -> tuple[str | None, int | None]:
+    root_children = tree.children[ROOT_ID]
     if NO_PREFETCH_LANDMARK in root_children:
         return "no-prefetch", None
     node_id = root_children.get(PREFETCH_LANDMARK)
     if node_id is None:
         return None, None
-    chunks = nodes[node_id].entry.chunks
+    chunks = tree.entries[node_id].chunks
     return "prefetch", (chunks[0].blob_offset if chunks else None)
 
 
 # ---------------------------------------------------------------------------- tree
+
+
+@dataclass(slots=True)
+class _Tree:
+    """The node table as columns indexed by node id."""
+
+    entries: list[TocEntry]
+    parents: array[int]  # for directories the containing one; the root is its own parent
+    nlinks: array[int]
+    children: dict[int, dict[str, int]]  # directory id -> name -> node id, in TOC order
 
 
 class _TreeBuilder:
@@ -475,108 +597,119 @@ class _TreeBuilder:
 
     def __init__(self) -> None:
         root = TocEntry(name="", type="dir", mode=0o755)
-        self.nodes: list[Node] = [Node(ROOT_ID, root, ROOT_ID, {}, 0)]
+        self.tree = _Tree([root], array("q", [ROOT_ID]), array("q", [0]), {ROOT_ID: {}})
         self.dead: set[int] = set()  # ids of nodes that lost their last name
 
+    def _new(self, entry: TocEntry, parent: int, is_dir: bool) -> int:
+        tree = self.tree
+        node_id = len(tree.entries)
+        tree.entries.append(entry)
+        tree.parents.append(parent)
+        tree.nlinks.append(0 if is_dir else 1)
+        if is_dir:
+            tree.children[node_id] = {}
+        return node_id
+
     def add(self, entry: TocEntry) -> None:
+        tree = self.tree
         if entry.name == "":
             # './' or '/': metadata for the root itself, never a child of itself.
             if entry.type != "dir":
                 raise TocError(f"root entry has type {entry.type!r}")
-            self.nodes[ROOT_ID].entry = entry
+            tree.entries[ROOT_ID] = entry
             return
         parent_path, _, base = entry.name.rpartition("/")
         parent = self.ensure_dir(parent_path)
-        assert parent.children is not None
-        old_id = parent.children.get(base)
+        siblings = tree.children[parent]
+        old_id = siblings.get(base)
         if entry.type == "hardlink":
             target_id = self.lookup(entry.link_name)
             if target_id is None:
                 raise TocError(f"hardlink {entry.name!r} to missing {entry.link_name!r}")
-            target = self.nodes[target_id]
-            if target.children is not None:
+            if target_id in tree.children:
                 raise TocError(f"hardlink {entry.name!r} to directory {entry.link_name!r}")
             if old_id == target_id:
                 return
             if old_id is not None:
                 self.unlink(old_id)
-            parent.children[base] = target_id
-            target.nlink += 1
+            siblings[base] = target_id
+            tree.nlinks[target_id] += 1
             return
+        is_dir = entry.type == "dir"
         if old_id is not None:
-            old = self.nodes[old_id]
-            if entry.type == "dir" and old.children is not None:
-                old.entry = entry  # a dir entry listed after its children keeps them
+            if is_dir and old_id in tree.children:
+                tree.entries[old_id] = entry  # a dir entry listed after its children keeps them
                 return
             self.unlink(old_id)
-        is_dir = entry.type == "dir"
-        node = Node(len(self.nodes), entry, parent.id, {} if is_dir else None, 0 if is_dir else 1)
-        self.nodes.append(node)
-        parent.children[base] = node.id  # replacing keeps the name's position
+        siblings[base] = self._new(entry, parent, is_dir)  # replacing keeps the name's position
 
-    def ensure_dir(self, path: str) -> Node:
-        node = self.nodes[ROOT_ID]
+    def ensure_dir(self, path: str) -> int:
+        node_id = ROOT_ID
         if not path:
-            return node
+            return node_id
+        dirs = self.tree.children
         parts = path.split("/")
         for depth, part in enumerate(parts):
-            assert node.children is not None
-            child_id = node.children.get(part)
+            children = dirs[node_id]
+            child_id = children.get(part)
             if child_id is None:
                 synthetic = TocEntry(name="/".join(parts[: depth + 1]), type="dir", mode=0o755)
-                child = Node(len(self.nodes), synthetic, node.id, {}, 0)
-                self.nodes.append(child)
-                node.children[part] = child.id
-                node = child
-                continue
-            node = self.nodes[child_id]
-            if node.children is None:
+                child_id = children[part] = self._new(synthetic, node_id, True)
+            elif child_id not in dirs:
                 raise TocError(f"parent {'/'.join(parts[: depth + 1])!r} is not a directory")
-        return node
+            node_id = child_id
+        return node_id
 
     def lookup(self, path: str) -> int | None:
-        node = self.nodes[ROOT_ID]
+        dirs = self.tree.children
+        node_id = ROOT_ID
         for part in path.split("/") if path else ():
-            if node.children is None:
+            children = dirs.get(node_id)
+            if children is None:
                 return None
-            child_id = node.children.get(part)
+            child_id = children.get(part)
             if child_id is None:
                 return None
-            node = self.nodes[child_id]
-        return node.id
+            node_id = child_id
+        return node_id
 
     def unlink(self, node_id: int) -> None:
-        node = self.nodes[node_id]
-        if node.children:
-            raise TocError(f"{node.entry.name!r} replaces a non-empty directory")
-        if node.children is None:
-            node.nlink -= 1  # other hardlinked names keep the node alive
-            if node.nlink > 0:
+        tree = self.tree
+        children = tree.children.get(node_id)
+        if children:
+            raise TocError(f"{tree.entries[node_id].name!r} replaces a non-empty directory")
+        if children is None:
+            tree.nlinks[node_id] -= 1  # other hardlinked names keep the node alive
+            if tree.nlinks[node_id] > 0:
                 return
         self.dead.add(node_id)
 
-    def finish(self) -> list[Node]:
-        nodes = self.nodes
+    def finish(self) -> _Tree:
         if self.dead:
-            nodes = self._compact()
-        for node in nodes:
-            if node.children is not None:
-                # §3.5 step 6: self + parent, +1 for each subdirectory's '..'.
-                node.nlink = 2 + sum(
-                    1 for c in node.children.values() if nodes[c].children is not None
-                )
-        return nodes
+            self._compact()
+        tree = self.tree
+        dirs = tree.children
+        for node_id, children in dirs.items():
+            # §3.5 step 6: self + parent, +1 for each subdirectory's '..'.
+            tree.nlinks[node_id] = 2 + sum(1 for c in children.values() if c in dirs)
+        return tree
 
-    def _compact(self) -> list[Node]:
+    def _compact(self) -> None:
         # Replaced nodes leave holes; renumber so ids stay dense (0..n-1) and stable.
-        alive = [n for n in self.nodes if n.id not in self.dead]
-        new_id = {n.id: i for i, n in enumerate(alive)}
-        for node in alive:
-            node.id = new_id[node.id]
-            node.parent = new_id.get(node.parent, ROOT_ID)
-            if node.children is not None:
-                node.children = {k: new_id[v] for k, v in node.children.items()}
-        return alive
+        old = self.tree
+        alive = [i for i in range(len(old.entries)) if i not in self.dead]
+        new_id = {old_id: i for i, old_id in enumerate(alive)}
+        self.tree = _Tree(
+            [old.entries[i] for i in alive],
+            array("q", (new_id.get(old.parents[i], ROOT_ID) for i in alive)),
+            array("q", (old.nlinks[i] for i in alive)),
+            {
+                new_id[d]: {k: new_id[v] for k, v in children.items()}
+                for d, children in old.children.items()
+                if d in new_id
+            },
+        )
+        self.dead = set()
 
 
 # ---------------------------------------------------------------------------- fields
