@@ -237,6 +237,8 @@ def run(bench: Bench, registry: LocalRegistry, only: str = "all") -> None:
         run_io(bench, registry)
     if only in ("all", "memory"):
         run_memory(bench, registry)
+    if only == "read":  # a subset of io
+        run_read(bench, registry)
 
 
 def run_io(bench: Bench, registry: LocalRegistry) -> None:
@@ -274,31 +276,47 @@ def run_io(bench: Bench, registry: LocalRegistry) -> None:
                          target="<= 1.5", lower_is_better=True)
             (bench.work / "lazy.tar").unlink()
             (bench.work / "plain.tar").unlink()
-            normal_file = plain.image_layers(img.ref)[-1] / "diff" / img.big_files[0]
-            read_file(normal_file)  # into the page cache, as a warm file would be
-            t_normal = timed(read_file, normal_file)
-            size = normal_file.stat().st_size
+            measure_reads(bench, registry, img, plain)
 
-            # 2. sequential read through diff/, cold (fresh store) and warm
-            url = f"{registry.url}/v2/{img.repo}/blobs/{img.layer_digest}"
-            t_curl = timed(sh, f"curl -sf '{url}' | gunzip -c > /dev/null")
-            with bench.store("[prefetch]\nenabled = false\n") as cold:
-                path = cold.mountpoint / b64ref(img.ref) / img.layer_digest / "diff" \
-                    / img.big_files[0]
-                os.stat(path)  # resolve the layer (manifest + TOC) outside the timing
-                t_cold = timed(read_file, path)
-                t_warm = timed(read_file, path)
-                rss_after_read = rss_mb(cold.proc.pid)
-            def mbps(t: float, size: int = size) -> float:
-                return size / MiB / t
 
-            bench.record("read_cold", value=mbps(t_cold), baseline=mbps(t_curl), unit="MiB/s",
-                         target=">= 0.8", lower_is_better=False,
-                         note="baseline: curl | gunzip of the same blob from the same registry")
-            bench.record("read_warm", value=mbps(t_warm), baseline=mbps(t_normal),
-                         unit="MiB/s", target=">= 0.5", lower_is_better=False,
-                         note="baseline: the same file of the normally pulled image",
-                         store_rss_mb=round(rss_after_read, 1))
+def measure_reads(bench: Bench, registry: LocalRegistry, img: BenchImage,
+                  plain: PodmanEnv) -> None:
+    """read_cold / read_warm of img's first big file; *plain* has img pulled normally."""
+    normal_file = plain.image_layers(img.ref)[-1] / "diff" / img.big_files[0]
+    read_file(normal_file)  # into the page cache, as a warm file would be
+    t_normal = timed(read_file, normal_file)
+    size = normal_file.stat().st_size
+
+    # 2. sequential read through diff/, cold (fresh store) and warm
+    url = f"{registry.url}/v2/{img.repo}/blobs/{img.layer_digest}"
+    t_curl = timed(sh, f"curl -sf '{url}' | gunzip -c > /dev/null")
+    with bench.store("[prefetch]\nenabled = false\n") as cold:
+        path = cold.mountpoint / b64ref(img.ref) / img.layer_digest / "diff" \
+            / img.big_files[0]
+        os.stat(path)  # resolve the layer (manifest + TOC) outside the timing
+        t_cold = timed(read_file, path)
+        t_warm = timed(read_file, path)
+        rss_after_read = rss_mb(cold.proc.pid)
+    def mbps(t: float, size: int = size) -> float:
+        return size / MiB / t
+
+    bench.record("read_cold", value=mbps(t_cold), baseline=mbps(t_curl), unit="MiB/s",
+                 target=">= 0.8", lower_is_better=False,
+                 note="baseline: curl | gunzip of the same blob from the same registry")
+    bench.record("read_warm", value=mbps(t_warm), baseline=mbps(t_normal),
+                 unit="MiB/s", target=">= 0.5", lower_is_better=False,
+                 note="baseline: the same file of the normally pulled image",
+                 store_rss_mb=round(rss_after_read, 1))
+
+
+def run_read(bench: Bench, registry: LocalRegistry) -> None:
+    """Only the sequential reads (read_cold, read_warm), on the small image."""
+    prio = ["etc/app.conf", "app/start.sh"] + [f"app/lib/{i}.txt" for i in range(20)]
+    img = build_image(registry, bench.work, "bench-small", 40 * MiB if bench.quick else 200 * MiB,
+                      1, prio)
+    with bench.podman(registry, "plain-small") as plain:
+        plain.pull(img.ref)
+        measure_reads(bench, registry, img, plain)
 
 
 def run_memory(bench: Bench, registry: LocalRegistry) -> None:
@@ -339,7 +357,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small images (smoke run)")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--only", choices=("all", "io", "memory"), default="all",
+    parser.add_argument("--only", choices=("all", "io", "memory", "read"), default="all",
                         help="run one part; its results replace theirs in summary.json")
     args = parser.parse_args()
     if os.geteuid() != 0:

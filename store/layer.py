@@ -241,7 +241,13 @@ class RemoteLayer:
 
     def _read_ahead(self, chunks: list[Chunk], start: int) -> None:
         """Fetch the next window of a file being read while the reader consumes this one, so
-        network, inflate and hashing overlap with the reads (sequential throughput)."""
+        network, inflate and hashing overlap with the reads (sequential throughput).
+
+        The window's chunks are claimed here, before the job is queued: a reader reaching them
+        waits for this fetch instead of fetching them again, and the next call (every kernel
+        read calls this) sees them busy and queues nothing, so at most READAHEAD_WINDOWS jobs
+        per reader are ever outstanding.
+        """
         windows: list[list[Chunk]] = [[]]
         span = 0
         for chunk in chunks[start:]:
@@ -255,13 +261,26 @@ class RemoteLayer:
                 windows.append([])
                 span = chunk.blob_end - chunk.blob_offset
             windows[-1].append(chunk)
+        assert self.readahead is not None
         for window in windows:
-            if window:
-                self.readahead(lambda w=window: self._quiet_fetch(w))
+            if not window:
+                continue
+            mine, _ = self._flight.claim([_key(c) for c in window])
+            if not mine:
+                continue
+            claimed = set(mine)
+            todo = [c for c in window if _key(c) in claimed]
+            try:
+                self.readahead(lambda w=todo: self._quiet_fetch(w))
+            except RuntimeError as exc:  # not queued (the store is stopping): release them
+                for chunk in todo:
+                    self._flight.finish(_key(chunk), None, exc)
+                return
 
     def _quiet_fetch(self, chunks: list[Chunk]) -> None:
+        """Fetch chunks this thread already claimed (a read-ahead window)."""
         try:
-            self.fetch_chunks(chunks)
+            self._fetch_claimed(chunks, {}, True, self.merge_limit)
         except Exception as exc:  # noqa: BLE001 - the on-demand read will retry and report
             log.debug("readahead.failed", blob=self.source.digest, error=str(exc))
 
@@ -329,9 +348,35 @@ class RemoteLayer:
         mine, theirs = self._flight.claim(list(by_key))
         out: dict[ChunkKey, bytes] = {}
         limit = self.merge_limit if merge_limit is None else merge_limit
-        runs = _runs(sorted((by_key[k] for k in mine), key=_blob_order), limit)
         error: BaseException | None = None
-        for run in runs:
+        try:
+            self._fetch_claimed([by_key[k] for k in mine], out, memory, limit)
+        except BaseException as exc:  # noqa: BLE001 - raised after waiting for the others
+            error = exc
+        for key, call in theirs.items():
+            out[key] = self._flight.wait(call)
+            if memory:  # it may have been a background fetch, which skips the memory cache
+                self.cache.put(key, out[key])
+        if error is not None:
+            raise error
+        return out
+
+    def _fetch_claimed(
+        self, chunks: list[Chunk], out: dict[ChunkKey, bytes], memory: bool, limit: int
+    ) -> None:
+        """Fetch chunks this thread claimed; every claim is finished, with data or the error."""
+        todo: list[Chunk] = []
+        for chunk in chunks:
+            key = _key(chunk)
+            # Fetched by someone else between the caller's cache check and the claim.
+            data = self.cache.get(key)
+            if data is not None:
+                out[key] = data
+                self._flight.finish(key, data, None)
+            else:
+                todo.append(chunk)
+        error: BaseException | None = None
+        for run in _runs(sorted(todo, key=_blob_order), limit):
             if error is not None:
                 for chunk in run:
                     self._flight.finish(_key(chunk), None, error)
@@ -344,13 +389,8 @@ class RemoteLayer:
                     key = _key(chunk)
                     if key not in out:
                         self._flight.finish(key, None, exc)
-        for key, call in theirs.items():
-            out[key] = self._flight.wait(call)
-            if memory:  # it may have been a background fetch, which skips the memory cache
-                self.cache.put(key, out[key])
         if error is not None:
             raise error
-        return out
 
     def _fetch_run(self, run: list[Chunk], out: dict[ChunkKey, bytes], memory: bool) -> None:
         start = run[0].blob_offset

@@ -130,12 +130,15 @@ class Prefetcher:
             self._prefetch_pool.submit(self._start, layer)
 
     def readahead(self, job: Callable[[], object]) -> None:
-        with contextlib.suppress(RuntimeError):  # shut down: the store is stopping
-            self._readahead_pool.submit(job)
+        """Run *job* on the read-ahead pool. Raises RuntimeError once the store is stopping
+        (the caller releases what the job would have finished)."""
+        self._readahead_pool.submit(job)
 
     def close(self) -> None:
         self._stop.set()
-        self._readahead_pool.shutdown(wait=True, cancel_futures=True)
+        # Queued read-ahead jobs run to the end: each finishes chunk claims a reader may be
+        # waiting on, and there are at most a few per reader.
+        self._readahead_pool.shutdown(wait=True)
         self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self._background_pool.shutdown(wait=True, cancel_futures=True)
 

@@ -7,6 +7,7 @@ detaches any mount left on the mount point before mounting again.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -27,6 +28,11 @@ log = structlog.get_logger(__name__)
 # nosuid,nodev). allow_other: Podman, overlayfs and container users of any uid must see it.
 # No default_permissions: the kernel must forward ACCESS, CREATE(use) and RMDIR to us.
 MOUNT_OPTIONS = frozenset({"fsname=layerstore", "subtype=layerstore", "allow_other", "suid", "dev"})
+# Kernel read-ahead of the mount (KiB); the kernel default for FUSE is 128. A sequential reader
+# then has several FUSE reads of the next MiBs in flight, so the chunk fetches, inflates and
+# hashes behind them overlap (about +15% cold throughput measured; 16 MiB was slower again).
+# One eStargz chunk (4 MiB by default).
+READ_AHEAD_KB = 4096
 
 
 def mounted_at(mountpoint: Path) -> bool:
@@ -50,6 +56,36 @@ def _unescape(path: str) -> str:
         .replace("\\012", "\n")
         .replace("\\134", "\\")
     )
+
+
+def mount_device(target: str) -> str | None:
+    """"major:minor" of what is mounted at *target* (a resolved path; the last mount on it),
+    from mountinfo: stat() of our own mount point, realpath() included, before the loop
+    serves it would hang."""
+    device = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    device = fields[2]
+    except OSError:
+        return None
+    return device
+
+
+def set_read_ahead(target: str, kib: int = READ_AHEAD_KB) -> bool:
+    """Raise the kernel read-ahead of the mount at *target* (a resolved path) through its bdi
+    (needs root; speed only, never fatal)."""
+    device = mount_device(target)
+    if device is None:
+        return False
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:
+        log.info("mount.read_ahead_unchanged", device=device, cause=repr(exc))
+        return False
+    return True
 
 
 def clear_stale_mount(mountpoint: Path) -> bool:
@@ -87,6 +123,10 @@ def serve(ops: Operations, mountpoint: Path, *, on_stop: Callable[[], None] | No
     clear_stale_mount(mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
     ops._mount_time_ns = time.time_ns()
+    target = os.path.realpath(mountpoint)  # now: once mounted, resolving it needs our loop
+    # Not now: the kernel caps read-ahead at what it had when it sent INIT, once our reply to
+    # INIT arrives. The first lookup comes after that, and before any file is opened.
+    ops.after_init = functools.partial(set_read_ahead, target)
     pyfuse3.init(ops, str(mountpoint), MOUNT_OPTIONS)
     log.info("store.mounted", mountpoint=str(mountpoint), pid=os.getpid())
     _sd_notify("READY=1")

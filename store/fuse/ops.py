@@ -81,6 +81,9 @@ class Operations(pyfuse3.Operations):
         self._resolve_limiter = trio.CapacityLimiter(max(2, io_threads // 2))
         self._read_limiter = trio.CapacityLimiter(io_threads)
         self._mount_time_ns = 0
+        # Run once in a thread at the first lookup, when the kernel has taken our INIT reply
+        # (mount-time tuning that INIT would undo); must not raise.
+        self.after_init: Callable[[], object] | None = None
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -150,6 +153,9 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
+        if self.after_init is not None:
+            job, self.after_init = self.after_init, None
+            await trio.to_thread.run_sync(job)
         loc = self._locate(parent_inode)
         text = os.fsdecode(name)
         if loc.kind is Kind.ROOT:

@@ -269,6 +269,18 @@ def test_statfs_works(mount: Path) -> None:
     assert st.f_namemax == 255
 
 
+def test_kernel_read_ahead_is_raised_after_init(mount: Path) -> None:
+    """The store sets its mount's read-ahead once the kernel took its INIT reply (any value set
+    before that is capped back to the kernel default of 128 KiB)."""
+    from store.fuse.mount import READ_AHEAD_KB, mount_device
+
+    (mount / "not-base64!").exists()  # a lookup: the first one applies the setting
+    device = mount_device(os.path.realpath(mount))
+    assert device is not None
+    ra = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip()
+    assert int(ra) == READ_AHEAD_KB
+
+
 @pytest.mark.parametrize(
     "name",
     [

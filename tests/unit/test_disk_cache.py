@@ -191,6 +191,34 @@ def test_read_ahead_within_a_file_stays_under_the_merge_limit(tmp_path: Path) ->
     assert len(reads) < 16  # several chunks per request, not one each
 
 
+def test_sequential_read_with_read_ahead_fetches_each_chunk_once(tmp_path: Path) -> None:
+    # Every kernel-sized read of a sequential reader asks for read-ahead; the windows are
+    # claimed when queued, so neither a later call nor the reader fetches them again.
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = hashlib.shake_256(b"once").digest(2 << 20)  # 32 chunks of 64 KiB
+    src, toc = make_layer(tmp_path, {"big": big})
+    pool = ThreadPoolExecutor(2)
+    try:
+        layer = open_layer(src, toc, tmp_path, None, merge_limit=128 * 1024,
+                           readahead=pool.submit)
+        src.delay = 0.01  # slow enough that reads overtake queued windows
+        before = len(src.reads)
+        node = layer.toc.node(layer.toc.lookup("big"))
+        out = bytearray()
+        while len(out) < len(big):
+            got = layer.read_cached(node.entry, len(out), 16 * 1024)
+            if got is None:
+                got = layer.read_file(node.entry, len(out), 16 * 1024)
+            out += got
+    finally:
+        pool.shutdown(wait=True)
+    assert bytes(out) == big
+    assert layer.stats().chunks_fetched == 32
+    fetched = sum(n for _, n in src.reads[before:])
+    assert fetched == layer.stats().bytes_fetched <= src.size
+
+
 def test_identical_concurrent_reads_are_coalesced(tmp_path: Path) -> None:
     data = hashlib.shake_256(b"co").digest(60_000)  # one chunk
     src, toc = make_layer(tmp_path, {"f": data})
