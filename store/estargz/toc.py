@@ -416,7 +416,7 @@ class _Parser:
     def add(self, raw: Any) -> None:
         if not isinstance(raw, dict):
             raise TocError("entry is not an object")
-        etype = _str(raw, "type")
+        etype = json_str(raw, "type")
         if etype == "chunk":
             # §3.5 step 2: a chunk belongs to the last non-chunk entry; its name is ignored.
             if self.open_reg is None:
@@ -435,41 +435,41 @@ class _Parser:
             self.open_specs = [ChunkSpec.parse(raw)]
 
     def make_entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
-        name = normalize_name(_text(raw, "name"))
+        name = normalize_name(json_text(raw, "name"))
         intern = self.ints.setdefault
-        uid = intern(v := _int(raw, "uid", _UINT32_MAX), v)
-        gid = intern(v := _int(raw, "gid", _UINT32_MAX), v)
+        uid = intern(v := json_int(raw, "uid", _UINT32_MAX), v)
+        gid = intern(v := json_int(raw, "gid", _UINT32_MAX), v)
         # §3.3 userName/groupName are de-duplicated by the writer: remember id -> name.
-        user_name = _str(raw, "userName")
+        user_name = json_str(raw, "userName")
         if user_name:
             self.user_names[uid] = user_name
         else:
             user_name = self.user_names.get(uid, "")
-        group_name = _str(raw, "groupName")
+        group_name = json_str(raw, "groupName")
         if group_name:
             self.group_names[gid] = group_name
         else:
             group_name = self.group_names.get(gid, "")
-        link_name = _text(raw, "linkName")
+        link_name = json_text(raw, "linkName")
         if etype == "hardlink":
             link_name = normalize_name(link_name)
         if etype in ("symlink", "hardlink") and not link_name:
             raise TocError(f"{etype} {name!r} has no linkName")
-        digest = _str(raw, "digest") or None
+        digest = json_str(raw, "digest") or None
         if digest is not None and not is_digest(digest):
             raise TocError(f"invalid digest {digest[:80]!r}")
         return TocEntry(
             name=name,
             type=etype,
-            size=_int(raw, "size") if etype == "reg" else 0,
-            mode=intern(v := _int(raw, "mode") & 0o7777, v),  # §3.3: type comes from 'type'
+            size=json_int(raw, "size") if etype == "reg" else 0,
+            mode=intern(v := json_int(raw, "mode") & 0o7777, v),  # §3.3: type comes from 'type'
             uid=uid,
             gid=gid,
-            mtime_ns=self.mtime(_str(raw, "modtime")),
+            mtime_ns=self.mtime(json_str(raw, "modtime")),
             link_name=link_name,
-            dev_major=_int(raw, "devMajor", _UINT32_MAX),
-            dev_minor=_int(raw, "devMinor", _UINT32_MAX),
-            xattrs=_xattrs(raw.get("xattrs")),
+            dev_major=json_int(raw, "devMajor", _UINT32_MAX),
+            dev_minor=json_int(raw, "devMinor", _UINT32_MAX),
+            xattrs=json_xattrs(raw.get("xattrs")),
             digest=digest,
             user_name=user_name,
             group_name=group_name,
@@ -504,14 +504,14 @@ class ChunkSpec:
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> ChunkSpec:
-        digest = _str(raw, "chunkDigest") or None
+        digest = json_str(raw, "chunkDigest") or None
         if digest is not None and not is_digest(digest):
             raise TocError(f"invalid chunkDigest {digest[:80]!r}")
         return cls(
-            file_offset=_int(raw, "chunkOffset"),
-            size=_int(raw, "chunkSize"),
-            blob_offset=_int(raw, "offset"),
-            inner_offset=_int(raw, "innerOffset"),
+            file_offset=json_int(raw, "chunkOffset"),
+            size=json_int(raw, "chunkSize"),
+            blob_offset=json_int(raw, "offset"),
+            inner_offset=json_int(raw, "innerOffset"),
             digest=digest,
         )
 
@@ -713,9 +713,10 @@ class _TreeBuilder:
 
 
 # ---------------------------------------------------------------------------- fields
+# TOC JSON field readers (omitempty defaults, strict types); the zstd:chunked TOC uses them too.
 
 
-def _int(raw: dict[str, Any], key: str, maximum: int = _INT64_MAX) -> int:
+def json_int(raw: dict[str, Any], key: str, maximum: int = _INT64_MAX) -> int:
     value = raw.get(key)
     if value is None:  # omitempty (§3.2)
         return 0
@@ -727,7 +728,7 @@ def _int(raw: dict[str, Any], key: str, maximum: int = _INT64_MAX) -> int:
     return value
 
 
-def _str(raw: dict[str, Any], key: str) -> str:
+def json_str(raw: dict[str, Any], key: str) -> str:
     value = raw.get(key)
     if value is None:
         return ""
@@ -736,9 +737,9 @@ def _str(raw: dict[str, Any], key: str) -> str:
     return value
 
 
-def _text(raw: dict[str, Any], key: str) -> str:
+def json_text(raw: dict[str, Any], key: str) -> str:
     """A string that must map to real path bytes (no lone surrogates from JSON escapes)."""
-    value = _str(raw, key)
+    value = json_str(raw, key)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -746,7 +747,7 @@ def _text(raw: dict[str, Any], key: str) -> str:
     return value
 
 
-def _xattrs(value: Any) -> dict[str, bytes]:
+def json_xattrs(value: Any) -> dict[str, bytes]:
     if value is None or value == {}:
         return _NO_XATTRS
     if not isinstance(value, dict):

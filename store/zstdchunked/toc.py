@@ -11,11 +11,8 @@ a new zstd frame at ``offset``; a chunk's compressed bytes run at most to the ne
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +25,10 @@ from store.estargz.toc import (
     Toc,
     TocEntry,
     build_toc,
+    json_int,
+    json_str,
+    json_text,
+    json_xattrs,
     normalize_name,
     resolve_blob_ends,
     resolve_chunks,
@@ -35,7 +36,6 @@ from store.estargz.toc import (
 
 __all__ = ["Region", "ParsedToc", "parse_toc", "parse_time_ns"]
 
-_INT64_MAX = (1 << 63) - 1
 _UINT32_MAX = (1 << 32) - 1
 _CHUNK_TYPES = frozenset({"", "zeros"})
 # RFC 3339 with optional fraction (Go marshals time.Time as RFC 3339 with nanoseconds).
@@ -117,7 +117,7 @@ class _Parser:
     def add(self, raw: Any) -> None:
         if not isinstance(raw, dict):
             raise TocError("entry is not an object")
-        etype = _str(raw, "type")
+        etype = json_str(raw, "type")
         if etype == "chunk":
             # A chunk continues the regular file right before it; its name is not used.
             if self.open is None:
@@ -131,40 +131,40 @@ class _Parser:
         self.entries.append(entry)
         if etype == "reg":
             self.open = entry
-            self.open_end = _int(raw, "endOffset")
+            self.open_end = json_int(raw, "endOffset")
             self.specs = [_spec(raw)]
 
     def _entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
-        name = normalize_name(_text(raw, "name"))
-        uid = _int(raw, "uid", _UINT32_MAX)
-        gid = _int(raw, "gid", _UINT32_MAX)
+        name = normalize_name(json_text(raw, "name"))
+        uid = json_int(raw, "uid", _UINT32_MAX)
+        gid = json_int(raw, "gid", _UINT32_MAX)
         # stargz-snapshotter de-duplicates userName/groupName: remember id -> name.
-        user_name = _str(raw, "userName") or self.user_names.get(uid, "")
-        group_name = _str(raw, "groupName") or self.group_names.get(gid, "")
+        user_name = json_str(raw, "userName") or self.user_names.get(uid, "")
+        group_name = json_str(raw, "groupName") or self.group_names.get(gid, "")
         if user_name:
             self.user_names[uid] = user_name
         if group_name:
             self.group_names[gid] = group_name
-        link_name = _text(raw, "linkName")
+        link_name = json_text(raw, "linkName")
         if etype == "hardlink":
             link_name = normalize_name(link_name)
         if etype in ("symlink", "hardlink") and not link_name:
             raise TocError(f"{etype} {name!r} has no linkName")
-        digest = _str(raw, "digest") or None
+        digest = json_str(raw, "digest") or None
         if digest is not None and not is_digest(digest):
             raise TocError(f"invalid digest {digest[:80]!r}")
         return TocEntry(
             name=name,
             type=etype,
-            size=_int(raw, "size") if etype == "reg" else 0,
-            mode=_int(raw, "mode") & 0o7777,  # the type comes from 'type'
+            size=json_int(raw, "size") if etype == "reg" else 0,
+            mode=json_int(raw, "mode") & 0o7777,  # the type comes from 'type'
             uid=uid,
             gid=gid,
-            mtime_ns=self._mtime(_str(raw, "modtime")),
+            mtime_ns=self._mtime(json_str(raw, "modtime")),
             link_name=link_name,
-            dev_major=_int(raw, "devMajor", _UINT32_MAX),
-            dev_minor=_int(raw, "devMinor", _UINT32_MAX),
-            xattrs=_xattrs(raw.get("xattrs")),
+            dev_major=json_int(raw, "devMajor", _UINT32_MAX),
+            dev_minor=json_int(raw, "devMinor", _UINT32_MAX),
+            xattrs=json_xattrs(raw.get("xattrs")),
             digest=digest,
             user_name=user_name,
             group_name=group_name,
@@ -204,8 +204,8 @@ class _Parser:
 
 
 def _spec(raw: dict[str, Any]) -> ChunkSpec:
-    if _str(raw, "chunkType") not in _CHUNK_TYPES:
-        raise TocError(f"unknown chunkType {_str(raw, 'chunkType')[:40]!r}")
+    if json_str(raw, "chunkType") not in _CHUNK_TYPES:
+        raise TocError(f"unknown chunkType {json_str(raw, 'chunkType')[:40]!r}")
     return ChunkSpec.parse(raw)  # same fields as eStargz chunk records
 
 
@@ -243,51 +243,3 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
     doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     return era * 146097 + doe - 719468
-
-
-def _int(raw: Mapping[str, Any], key: str, maximum: int = _INT64_MAX) -> int:
-    value = raw.get(key)
-    if value is None:
-        return 0
-    if type(value) is not int:  # JSON true is not a number
-        raise TocError(f"{key!r} is not an integer: {value!r:.80}")
-    if not 0 <= value <= maximum:
-        raise TocError(f"{key!r} out of range: {value}")
-    return value
-
-
-def _str(raw: Mapping[str, Any], key: str) -> str:
-    value = raw.get(key)
-    if value is None:
-        return ""
-    if type(value) is not str:
-        raise TocError(f"{key!r} is not a string: {value!r:.80}")
-    return value
-
-
-def _text(raw: Mapping[str, Any], key: str) -> str:
-    value = _str(raw, key)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise TocError(f"{key!r} is not valid Unicode: {value!r:.80}") from None
-    return value
-
-
-def _xattrs(value: Any) -> dict[str, bytes]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise TocError("'xattrs' is not an object")
-    out: dict[str, bytes] = {}
-    for key, encoded in value.items():
-        if not key or type(encoded) is not str:
-            raise TocError(f"bad xattr {key!r:.80}")
-        try:
-            key.encode("utf-8")
-            out[key] = base64.b64decode(encoded, validate=True)
-        except UnicodeEncodeError:
-            raise TocError(f"xattr name {key!r:.80} is not valid Unicode") from None
-        except (binascii.Error, ValueError):
-            raise TocError(f"xattr {key!r:.80} is not base64") from None
-    return out
