@@ -152,12 +152,19 @@ def _read_body(resp: requests.Response, limit: int, what: str) -> bytes:
 
 
 def _read_exact(resp: requests.Response, n: int, what: str) -> bytes:
-    out = bytearray()
-    for chunk in resp.iter_content(min(n, _READ_CHUNK)):
-        out += chunk
-        if len(out) >= n:
-            return bytes(out[:n])
-    raise TransientRegistryError(f"{what}: truncated body ({len(out)} of {n} bytes)")
+    """The first *n* bytes of the body, read in one call into one buffer.
+
+    A range answer is a few MiB of raw bytes: reading it in 64 KiB pieces through the
+    decoding layer and joining them copied it three times and halved range throughput.
+    Content codings are refused instead of decoded (we ask for identity).
+    """
+    coding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise RegistryError(f"{what}: unexpected Content-Encoding {coding!r} on a range")
+    data = resp.raw.read(n, decode_content=False)
+    if len(data) != n:
+        raise TransientRegistryError(f"{what}: truncated body ({len(data)} of {n} bytes)")
+    return data
 
 
 def _content_length(resp: requests.Response) -> int | None:
