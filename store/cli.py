@@ -140,6 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
         **_registry_sources(cfg.registry),
     )
     state = StateDB(root / "state.db")
+    disk = DiskChunkCache(
+        root / "cache", cfg.cache.disk_mb << 20, write_behind_bytes=cfg.cache.write_behind_mb << 20
+    )
     prefetcher = Prefetcher(
         prefetch=cfg.prefetch.enabled,
         background=cfg.prefetch.background,
@@ -152,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
         blob_dir=root / "blobs",
         manifest_ttl=cfg.resolve.manifest_ttl,
         state=state,
-        disk=DiskChunkCache(root / "cache", cfg.cache.disk_mb << 20),
+        disk=disk,
         prefetcher=prefetcher,
     )
     ops = Operations(resolver, io_threads=cfg.fetch.max_concurrency * 2)
@@ -161,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
     def stop() -> None:
         prefetcher.close()  # before the layers close: workers may still be reading them
         resolver.close()
+        disk.close()  # writes the chunks still queued for the disk cache
         client.close()
         state.close()
 

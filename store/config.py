@@ -5,6 +5,8 @@ Example (contrib/config.toml):
     [cache]
     memory_mb = 256          # verified, decompressed chunks kept in RAM
     disk_mb = 10240          # verified chunks kept under ROOT/cache (LRU); 0 turns it off
+    write_behind_mb = 256    # chunks just read, queued for the disk cache until reads pause;
+                             # 0 writes them before the read returns
 
     [prefetch]
     enabled = true           # fetch the region before .prefetch.landmark at first use
@@ -45,6 +47,7 @@ DEFAULT_ROOT = Path("/var/lib/layerstore")
 class CacheConfig:
     memory_mb: int = 256
     disk_mb: int = 10240
+    write_behind_mb: int = 256
 
 
 @dataclass(frozen=True)

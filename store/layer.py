@@ -406,7 +406,8 @@ class RemoteLayer:
             if memory:
                 self.cache.put(key, data)
             if self.disk is not None:
-                self.disk.put(key, data)
+                # Deferred only when the bytes are in the memory cache meanwhile.
+                self.disk.put(key, data, defer=memory)
             out[key] = data
             with self._lock:
                 self._chunks_fetched += 1

@@ -8,6 +8,13 @@ whole one; stale temporaries are removed at start. There is no fsync: after a po
 kernel may have kept the rename but not the data, and the re-hash on read turns such an entry
 into a miss, so an fsync per chunk would cost throughput and buy nothing. Recency is kept in
 the files' mtimes, so the LRU order survives restarts.
+
+Write-behind: chunks a reader is waiting for are also in the memory cache, so writing them to
+disk can wait. Such puts are queued (up to `write_behind_bytes`) and written by one thread once
+the puts have paused for `quiet` seconds (or the queue is three-quarters full): a cold
+sequential read then does not pay for its own persistence, and a slow disk never slows a
+read. Queued chunks are answered from the queue; close() writes them all; a SIGKILL loses only
+the queued ones, which are fetched again when next needed.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -27,16 +35,35 @@ from store.errors import DigestMismatch, FormatError
 log = structlog.get_logger(__name__)
 
 Key = tuple[str, int]  # (chunk digest, uncompressed size), as in the memory ChunkCache
+WRITE_BEHIND_QUIET = 0.25  # seconds without a deferred put before queued chunks are written
 
 
 class DiskChunkCache:
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        *,
+        write_behind_bytes: int = 0,
+        quiet: float = WRITE_BEHIND_QUIET,
+    ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
         self._bytes = 0
+        self._shards: set[Path] = set()  # directories known to exist
+        # write-behind queue: digest -> verified bytes, oldest first
+        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        self._pending_bytes = 0
+        self._write_behind = write_behind_bytes
+        self._quiet = quiet
+        self._last_put = 0.0
+        self._flushing = 0
+        self._closed = False
+        self._changed = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -54,6 +81,10 @@ class DiskChunkCache:
         """The chunk's bytes if cached and still hashing to its digest, else None."""
         digest, size = key
         with self._lock:
+            queued = self._pending.get(digest)
+            if queued is not None:
+                self.hits += 1
+                return queued  # verified by whoever queued it, and never left memory
             known = self._index.get(digest)
             if known is None:
                 self.misses += 1
@@ -84,10 +115,15 @@ class DiskChunkCache:
 
     def contains(self, key: Key) -> bool:
         with self._lock:
-            return key[0] in self._index
+            return key[0] in self._index or key[0] in self._pending
 
-    def put(self, key: Key, data: bytes) -> None:
-        """Store verified *data* (the caller checked its digest) atomically; evict LRU entries."""
+    def put(self, key: Key, data: bytes, *, defer: bool = True) -> None:
+        """Store verified *data* (the caller checked its digest); evict LRU entries.
+
+        With write-behind on and *defer*, the write is queued (see the module doc); a full
+        queue, or defer=False (bulk background fetches, whose bytes are not in memory
+        otherwise), writes now.
+        """
         digest, size = key
         if not self.enabled or len(data) != size or size > self.max_bytes:
             return
@@ -95,25 +131,54 @@ class DiskChunkCache:
             if digest in self._index:
                 self._index.move_to_end(digest)
                 return
-        path = self._path(digest)
-        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as exc:
-            # A full or read-only disk costs speed, never correctness.
-            log.warning("chunk_cache.write_failed", digest=digest, error=str(exc))
-            tmp.unlink(missing_ok=True)
-            return
+            if digest in self._pending:
+                return
+            if (
+                defer
+                and not self._closed
+                and self._pending_bytes + size <= self._write_behind
+            ):
+                self._pending[digest] = data
+                self._pending_bytes += size
+                self._last_put = time.monotonic()
+                self._start_writer_locked()
+                self._changed.notify_all()
+                return
+        self._write(digest, data)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write every queued chunk now; False if *timeout* ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            self._flushing += 1
+            self._changed.notify_all()
+            try:
+                while self._pending:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._changed.wait(left)
+            finally:
+                self._flushing -= 1
+        return True
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Write what is queued (up to *timeout*), then stop the writer; later puts write now."""
+        if not self.flush(timeout):
+            with self._lock:
+                left = len(self._pending)
+            log.warning("chunk_cache.unwritten", chunks=left, note="fetched again when needed")
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if self._writer is not None:
+            self._writer.join(5)
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for writing."""
         with self._lock:
-            if digest not in self._index:
-                self._index[digest] = size
-                self._bytes += size
-            victims = self._evict_locked()
-        for victim in victims:
-            self._path(victim).unlink(missing_ok=True)
+            return self._pending_bytes
 
     @property
     def size(self) -> int:
@@ -125,6 +190,71 @@ class DiskChunkCache:
             return len(self._index)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _write(self, digest: str, data: bytes) -> None:
+        """Write one entry atomically (temporary file, then rename) and index it."""
+        path = self._path(digest)
+        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        try:
+            if path.parent not in self._shards:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._shards.add(path.parent)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            # A full or read-only disk costs speed, never correctness.
+            log.warning("chunk_cache.write_failed", digest=digest, error=str(exc))
+            tmp.unlink(missing_ok=True)
+            self._shards.discard(path.parent)
+            return
+        with self._lock:
+            if digest not in self._index:
+                self._index[digest] = len(data)
+                self._bytes += len(data)
+            victims = self._evict_locked()
+        for victim in victims:
+            self._path(victim).unlink(missing_ok=True)
+
+    def _start_writer_locked(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_behind_loop, name="chunk-cache-writer", daemon=True
+            )
+            self._writer.start()
+
+    def _should_write_locked(self) -> bool:
+        return (
+            self._closed
+            or self._flushing > 0
+            or self._pending_bytes * 4 > self._write_behind * 3
+            or time.monotonic() - self._last_put >= self._quiet
+        )
+
+    def _write_behind_loop(self) -> None:
+        with self._changed:
+            while True:
+                if not self._pending:
+                    if self._closed:
+                        return
+                    self._changed.wait()
+                    continue
+                if not self._should_write_locked():
+                    left = self._quiet - (time.monotonic() - self._last_put)
+                    self._changed.wait(max(left, 0.01))
+                    continue
+                digest, data = next(iter(self._pending.items()))
+                self._lock.release()
+                try:
+                    self._write(digest, data)
+                except Exception as exc:  # noqa: BLE001 - the writer must outlive one bad entry
+                    log.warning("chunk_cache.write_failed", digest=digest, error=repr(exc))
+                finally:
+                    self._lock.acquire()
+                # still readable from the queue until now; from the file (or refetch) after
+                del self._pending[digest]
+                self._pending_bytes -= len(data)
+                self._changed.notify_all()
 
     def _path(self, digest: str) -> Path:
         algo, hexpart = digest.split(":", 1)

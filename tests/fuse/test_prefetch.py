@@ -114,5 +114,4 @@ def test_background_fetch_fills_the_disk_cache(registry: LocalRegistry, make_sto
     for name, data in FILES.items():
         assert (layer / "diff" / name).read_bytes() == data
     assert chunk_gets(registry, after, digest) == []  # everything came from the caches
-    cached = [p for p in (store.root / "cache" / "sha256").rglob("*") if p.is_file()]
-    assert len(cached) == 8 + 16
+    assert len(store.wait_cached(8 + 16, WAIT)) == 8 + 16

@@ -78,7 +78,9 @@ def test_layer_survives_restart_and_tag_move(
     layer = s1.mountpoint / b64ref(old.ref) / key
     info_before = (layer / "info").read_bytes()
     assert (layer / "diff" / "app" / "big.bin").read_bytes() == big
-    crash(s1, sig)
+    if sig == signal.SIGKILL:
+        s1.wait_cached(8)  # big.bin's 64 KiB chunks, written once reads pause
+    crash(s1, sig)  # SIGTERM writes what is still queued before the store exits
 
     # the tag moves to a different image before the store comes back
     new = esgz_image(registry, repo, "v1", {"app/conf": b"new\n"})
@@ -113,8 +115,9 @@ def test_cache_survives_restart_and_corrupt_entries_are_refetched(
     key = img.manifest["layers"][0]["digest"]
     s1 = start(stores, tmp_path)
     assert (s1.mountpoint / b64ref(img.ref) / key / "diff" / "d.bin").read_bytes() == data
+    s1.wait_cached(5)
     crash(s1, signal.SIGKILL)
-    entries = [p for p in (tmp_path / "root" / "cache" / "sha256").rglob("*") if p.is_file()]
+    entries = s1.cached_chunks()
     assert len(entries) == 5  # 300 kB in 64 KiB chunks
     entries[0].write_bytes(b"\xff" * entries[0].stat().st_size)
     s2 = start(stores, tmp_path)

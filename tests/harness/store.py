@@ -106,6 +106,17 @@ class StoreProcess:
             unmount(self.mountpoint)
         return self.returncode
 
+    def cached_chunks(self) -> list[Path]:
+        """The entries of the on-disk chunk cache under the store's root."""
+        cache = self.root / "cache" / "sha256"
+        return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+    def wait_cached(self, n: int, timeout: float = 60.0) -> list[Path]:
+        """Wait until at least *n* chunks are on disk: chunks just read are queued and written
+        once reads pause (write-behind), and a SIGKILL before that loses them."""
+        wait_for(lambda: len(self.cached_chunks()) >= n, timeout, alive=self.alive)
+        return self.cached_chunks()
+
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
 

@@ -121,6 +121,96 @@ def test_wrong_size_is_not_stored(tmp_path: Path) -> None:
     assert len(cache) == 0
 
 
+# -- write-behind ------------------------------------------------------------------------------
+
+
+def files_in(root: Path) -> list[Path]:
+    return [p for p in (root / "sha256").rglob("*") if p.is_file()] if root.exists() else []
+
+
+def test_write_behind_queues_until_flush_and_serves_from_the_queue(tmp_path: Path) -> None:
+    """With a long quiet period nothing reaches the disk until flush(); the queued bytes are
+    answered meanwhile, and a reopened cache sees them once written."""
+    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=3600)
+    chunks = [bytes([i]) * 10_000 for i in range(3)]
+    for c in chunks:
+        cache.put(entry(c), c)
+    assert files_in(tmp_path) == []
+    assert cache.pending == 30_000 and len(cache) == 0
+    assert all(cache.contains(entry(c)) and cache.get(entry(c)) == c for c in chunks)
+    assert cache.flush(timeout=30)
+    assert cache.pending == 0 and len(files_in(tmp_path)) == 3
+    reopened = DiskChunkCache(tmp_path, 1 << 20)
+    assert all(reopened.get(entry(c)) == c for c in chunks)
+    cache.close()
+
+
+def test_write_behind_writes_once_puts_pause(tmp_path: Path) -> None:
+    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=0.05)
+    data = b"q" * 5000
+    cache.put(entry(data), data)
+    deadline = time.monotonic() + 30
+    while cache.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.pending == 0 and [p.read_bytes() for p in files_in(tmp_path)] == [data]
+    cache.close()
+
+
+def test_write_behind_queue_is_bounded(tmp_path: Path) -> None:
+    """Past the budget a put writes at once; at three quarters the writer starts even while
+    puts keep coming, so the queue never holds more than the budget."""
+    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=10_000, quiet=3600)
+    chunks = [bytes([i]) * 4000 for i in range(4)]
+    for c in chunks:
+        cache.put(entry(c), c)
+        assert cache.pending <= 10_000
+    deadline = time.monotonic() + 30
+    while cache.pending > 7_500 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.pending <= 7_500
+    assert len(files_in(tmp_path)) + cache.pending // 4000 == 4
+    cache.close()
+    assert len(files_in(tmp_path)) == 4
+
+
+def test_undeferred_puts_and_puts_after_close_write_at_once(tmp_path: Path) -> None:
+    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=3600)
+    bulk = b"b" * 3000
+    cache.put(entry(bulk), bulk, defer=False)
+    assert len(files_in(tmp_path)) == 1 and cache.pending == 0
+    queued = b"c" * 3000
+    cache.put(entry(queued), queued)
+    assert cache.pending == 3000
+    cache.close()  # writes the queue
+    assert len(files_in(tmp_path)) == 2 and cache.pending == 0
+    late = b"d" * 3000
+    cache.put(entry(late), late)
+    assert len(files_in(tmp_path)) == 3
+
+
+def test_layer_defers_only_what_it_keeps_in_memory(tmp_path: Path) -> None:
+    """On-demand reads queue their chunks; background fetches (memory=False) write them now,
+    since nothing else holds those bytes."""
+    data = os.urandom(200_000)
+    src, toc = make_layer(tmp_path, {"a.bin": data})
+    disk = DiskChunkCache(tmp_path / "cache", 64 << 20, write_behind_bytes=64 << 20, quiet=3600)
+    layer = open_layer(src, toc, tmp_path, disk)
+    assert read_all(layer, "a.bin") == data
+    assert files_in(tmp_path / "cache") == [] and disk.pending == len(data)
+    disk.flush(timeout=30)
+    assert len(files_in(tmp_path / "cache")) == 4  # 200 kB in 64 KiB chunks
+    before = len(src.reads)
+    assert read_all(open_layer(src, toc, tmp_path, disk), "a.bin") == data
+    assert len(src.reads) == before + 1  # footer+TOC only: the chunks came from disk
+    other = os.urandom(100_000)
+    src2, toc2 = make_layer(tmp_path, {"b.bin": other})
+    layer2 = open_layer(src2, toc2, tmp_path, disk)
+    bulk = list(layer2.data_chunks())  # b.bin's two chunks and the landmark's
+    layer2.fetch_chunks(bulk, memory=False)
+    assert disk.pending == 0 and len(files_in(tmp_path / "cache")) == 4 + len(bulk)
+    disk.close()
+
+
 # -- RemoteLayer with caches -----------------------------------------------------------------
 
 
