@@ -141,6 +141,7 @@ class RemoteLayer:
         self._chunks_fetched = 0
         self._bytes_fetched = 0
         self._requests = 0
+        self._closed = False  # dropped (unreachable) or the store is stopping
 
     @classmethod
     def open(
@@ -478,7 +479,12 @@ class RemoteLayer:
                 self._chunks_fetched, self._bytes_fetched, self._blob_fd is not None, self._requests
             )
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         if self._blob_fd is not None:
             os.close(self._blob_fd)
             self._blob_fd = None

@@ -120,19 +120,34 @@ class Resolver:
 
     def resolve(self, ref_text: str, key: str) -> LayerHandle:
         """The layer Podman means by `<ref>/<key>`; raises if it cannot be served lazily."""
-        with self._lock:
-            handle = self._handles.get((ref_text, key))
+        handle = self.known(ref_text, key)
         if handle is not None:
             return handle
         return self._handle_flight.run((ref_text, key), lambda: self._resolve(ref_text, key))
 
     def known(self, ref_text: str, key: str) -> LayerHandle | None:
         with self._lock:
-            return self._handles.get((ref_text, key))
+            handle = self._handles.get((ref_text, key))
+        # a handle made while its layer was being dropped is stale: resolve again
+        return handle if handle is not None and not handle.layer.closed else None
 
     def handles(self) -> list[LayerHandle]:
         with self._lock:
             return list(self._handles.values())
+
+    def drop(self, layer: RemoteLayer) -> list[tuple[str, str]]:
+        """Forget *layer* and the paths that led to it (nobody can reach it any more); a
+        later lookup of such a path resolves it again, from the state DB. Returns the paths."""
+        with self._lock:
+            paths = [p for p, h in self._handles.items() if h.layer is layer]
+            for path in paths:
+                del self._handles[path]
+            for ident in [i for i, v in self._layers.items() if v is layer]:
+                del self._layers[ident]
+                self._chunked.pop(ident, None)
+                self._tar_sizes.pop(ident, None)
+        layer.close()
+        return paths
 
     def close(self) -> None:
         with self._lock:
@@ -304,7 +319,7 @@ class Resolver:
         ident = (registry, repository, digest)
         with self._lock:
             layer = self._layers.get(ident)
-        if layer is not None:
+        if layer is not None and not layer.closed:
             return layer
 
         def open_layer() -> RemoteLayer:

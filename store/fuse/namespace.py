@@ -8,6 +8,11 @@
 A layer reached through several paths (both key kinds, several tags) keeps one inode range,
 so the same file has the same inode wherever it is seen. Numbers are never reused while
 mounted: the kernel may hold on to any of them.
+
+The kernel's references (FUSE lookup counts: +1 per lookup or readdir entry, -n per forget)
+are counted per layer, over its key, info, blob and diff inodes. A layer the kernel holds no
+inode of can be dropped (drop_layer): nothing can reach its old inode numbers any more, and a
+new lookup of its path gets a fresh range.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class Namespace:
         self._key_by_path: dict[tuple[str, str], Inode] = {}
         self._layer_base: dict[int, int] = {}  # id(layer) -> base inode
         self._ranges: list[tuple[int, int, RemoteLayer]] = []  # (base, end, layer), sorted
+        self._lookups: dict[int, int] = {}  # inode of a layer -> the kernel's lookup count
+        self._layer_lookups: dict[int, int] = {}  # id(layer) -> sum over its inodes
 
     def _alloc(self, count: int) -> int:
         base = self._next
@@ -113,6 +120,68 @@ class Namespace:
         name = self._refs[ref_inode].name
         with self._lock:
             return self._key_by_path.get((name, key))
+
+    # -- the kernel's references ----------------------------------------------------------------
+
+    def remember(self, inode: int) -> None:
+        """The kernel took a reference (a lookup or readdir entry was answered)."""
+        with self._lock:
+            layer = self._owner_locked(inode)
+            if layer is None:
+                return  # the root and reference directories are never dropped
+            self._lookups[inode] = self._lookups.get(inode, 0) + 1
+            self._layer_lookups[id(layer)] = self._layer_lookups.get(id(layer), 0) + 1
+
+    def forget(self, inode: int, nlookup: int) -> RemoteLayer | None:
+        """The kernel dropped *nlookup* references; returns the layer if it now holds none."""
+        with self._lock:
+            held = self._lookups.get(inode)
+            layer = self._owner_locked(inode)
+            if held is None or layer is None:
+                return None
+            gone = min(held, nlookup)
+            if held > gone:
+                self._lookups[inode] = held - gone
+            else:
+                del self._lookups[inode]
+            left = self._layer_lookups.get(id(layer), 0) - gone
+            self._layer_lookups[id(layer)] = left
+            return layer if left <= 0 else None
+
+    def kernel_refs(self, layer: RemoteLayer) -> int:
+        with self._lock:
+            return self._layer_lookups.get(id(layer), 0)
+
+    def drop_layer(self, layer: RemoteLayer) -> bool:
+        """Forget every inode of *layer* (its key paths and diff range) if the kernel holds
+        none of them; False (nothing done) if it does."""
+        with self._lock:
+            if self._layer_lookups.get(id(layer), 0) > 0:
+                return False
+            self._layer_lookups.pop(id(layer), None)
+            for ino, node in list(self._keys.items()):
+                if node.handle.layer is layer:
+                    del self._keys[ino]
+                    ref_name = self._refs[node.ref_inode].name
+                    self._key_by_path.pop((ref_name, node.handle.key), None)
+                    for i in (ino, ino + 1, ino + 2):
+                        self._lookups.pop(i, None)
+            base = self._layer_base.pop(id(layer), None)
+            if base is not None:
+                self._ranges = [r for r in self._ranges if r[2] is not layer]
+            return True
+
+    def _owner_locked(self, inode: int) -> RemoteLayer | None:
+        for offset in (0, 1, 2):
+            key = self._keys.get(inode - offset)
+            if key is not None:
+                return key.handle.layer
+        i = bisect.bisect_right(self._ranges, inode, key=lambda r: r[0]) - 1
+        if i >= 0:
+            base, end, layer = self._ranges[i]
+            if base <= inode < end:
+                return layer
+        return None
 
     def locate(self, inode: int) -> Located | None:
         if inode == ROOT_INODE:

@@ -30,6 +30,8 @@ from store.als import RefCounts, decode_ref, is_key_name
 from store.diffview import Attr
 from store.errors import LayerstoreError, NotFound, NotLazyLayer, ReferenceError_
 from store.fuse.namespace import ROOT_INODE, Inode, Kind, Located, Namespace
+from store.layer import RemoteLayer
+from store.memory import release_free_memory
 from store.resolver import LayerHandle, Resolver
 
 log = structlog.get_logger(__name__)
@@ -169,7 +171,10 @@ class Operations(pyfuse3.Operations):
             if not is_key_name(text):
                 raise _err(errno.ENOENT)
             handle = await self._resolve(loc.ref.ref, text)
-            if handle is None:
+            if handle is not None and handle.layer.closed:
+                # its layer was dropped while this lookup waited: resolve it afresh
+                handle = await self._resolve(loc.ref.ref, text)
+            if handle is None or handle.layer.closed:
                 raise _err(errno.ENOENT)
             ino = self.ns.key_inode(Inode(parent_inode), handle)
         elif loc.kind is Kind.KEY:
@@ -191,7 +196,9 @@ class Operations(pyfuse3.Operations):
             ino = self.ns.diff_inode(loc.layer, child)
         else:
             raise _err(errno.ENOTDIR)
-        return self._attrs(ino, self._locate(ino))
+        attrs = self._attrs(ino, self._locate(ino))
+        self.ns.remember(ino)  # the kernel now holds a reference until it forgets it
+        return attrs
 
     @boundary
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -265,6 +272,7 @@ class Operations(pyfuse3.Operations):
             attrs = self._attrs(ino, self._locate(ino))
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
                 break
+            self.ns.remember(ino)  # readdirplus: each entry passed is a lookup
 
     @boundary
     async def releasedir(self, fh: int) -> None:
@@ -379,6 +387,8 @@ class Operations(pyfuse3.Operations):
             key = os.fsdecode(name)
             n = self.refcounts.release(loc.ref.ref, key)
             log.info("layer.release", ref=loc.ref.ref, key=key, count=n)
+            if n == 0:
+                self._release_unused(Inode(parent_inode), key, name)
             raise _err(errno.ENOENT)
         raise _err(errno.EROFS)
 
@@ -426,9 +436,51 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise _err(errno.EROFS)
 
-    @boundary
+    # -- dropping layers nobody uses -------------------------------------------------------------
+
     async def forget(self, inode_list: Any) -> None:
-        return None  # inode numbers are never reused, nothing to free
+        # No reply and no error path: an exception here would end pyfuse3's main loop.
+        try:
+            dropped = False
+            for inode, nlookup in inode_list:
+                layer = self.ns.forget(inode, nlookup)
+                if layer is not None:
+                    dropped = self._drop_if_unused(layer) or dropped
+            if dropped:
+                release_free_memory()  # a dropped TOC's pages go back to the system
+        except Exception as exc:  # noqa: BLE001 - see above
+            sig = ("forget", type(exc).__name__)
+            if sig not in _reported:
+                _reported.add(sig)
+                log.error("fuse.unexpected_error", op="forget", cause=repr(exc), exc_info=True)
+
+    def _release_unused(self, ref_inode: Inode, key: str, name: bytes) -> None:
+        """Podman released its last use of `<ref>/<key>`: drop the layer now if the kernel
+        holds none of its inodes, else ask the kernel to let go of the path's cached entries
+        (it keeps what is in use, e.g. an overlay lower dir) and drop it when they are forgotten.
+        """
+        ino = self.ns.find_key(ref_inode, key)
+        loc = self.ns.locate(ino) if ino is not None else None
+        if loc is None or loc.key is None:
+            return
+        layer = loc.key.handle.layer
+        if self.ns.kernel_refs(layer) == 0:
+            if self._drop_if_unused(layer):
+                release_free_memory()
+        else:
+            # async: the kernel holds the directory's lock until this rmdir is answered
+            pyfuse3.invalidate_entry_async(ref_inode, name, ignore_enoent=True)
+
+    def _drop_if_unused(self, layer: RemoteLayer) -> bool:
+        """Free a layer the kernel holds no inode of and Podman uses through no path."""
+        paths = [(h.ref, h.key) for h in self.resolver.handles() if h.layer is layer]
+        if any(self.refcounts.count(ref, key) for ref, key in paths):
+            return False  # Podman still has it; kept until released (or the store restarts)
+        if not self.ns.drop_layer(layer):
+            return False
+        self.resolver.drop(layer)
+        log.info("layer.dropped", blob=layer.source.digest, paths=len(paths))
+        return True
 
 
 ROOT = ROOT_INODE

@@ -23,6 +23,7 @@ import pytest
 from tests.harness import images
 from tests.harness.images import TestImage
 from tests.harness.podman import PodmanEnv
+from tests.harness.procutil import wait_for
 from tests.harness.registry import AccessEntry, LocalRegistry
 from tests.harness.store import StoreProcess
 
@@ -257,3 +258,28 @@ def test_record_pull_times(
     BENCH_RESULT.parent.mkdir(parents=True, exist_ok=True)
     BENCH_RESULT.write_text(json.dumps(result, indent=2) + "\n")
     assert set(result["images"]) == set(VARIANTS)
+
+
+def test_rmi_drops_the_layers_and_a_new_pull_brings_them_back(
+    e2e_image_of, registry: LocalRegistry, store: StoreProcess, podman_store: PodmanEnv
+) -> None:
+    """`podman rmi` releases the layers (rmdir of `<ref>/<key>`); the store then drops them
+    from memory once the kernel has let go of them, and a later pull resolves them again."""
+    img = e2e_image_of("esgz-ours")
+    podman_store.pull(img.ref)
+    cmd = ["sh", "-c", "sha256sum /data/big.bin"]
+    first = podman_store.run_container(img.ref, cmd).stdout
+    mark = store.mark()
+    podman_store.run("rmi", img.ref)
+
+    def dropped() -> set[str]:
+        return {e["blob"] for e in store.events("layer.dropped", since=mark)}
+
+    assert wait_for(lambda: dropped() == set(img.layer_digests), 60, alive=store.alive), (
+        dropped(), store.log_tail())
+    again, reqs = store.mark(), registry.mark()
+    podman_store.pull(img.ref)
+    assert podman_store.run_container(img.ref, cmd).stdout == first
+    assert layer_gets(registry.requests_since(reqs), img, 200) == []
+    prepared = store.events("layer.prepared", since=again)
+    assert {e["key"] for e in prepared} == set(img.layer_digests)
