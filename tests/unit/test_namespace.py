@@ -10,8 +10,8 @@ from store.estargz import build_estargz_bytes
 from store.fuse.namespace import Kind, Namespace
 from store.layer import RemoteLayer
 from store.resolver import LayerHandle
-from tests.unit.test_disk_cache import MemoryBlob
 from tests.unit.tarbuild import TarBuilder
+from tests.unit.test_disk_cache import MemoryBlob
 
 
 def small_layer(tmp_path: Path, name: str) -> RemoteLayer:
