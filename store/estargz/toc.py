@@ -12,7 +12,7 @@ import json
 import re
 from array import array
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -36,6 +36,7 @@ __all__ = [
     "NO_PREFETCH_LANDMARK",
     "LANDMARK_CONTENT",
     "ENTRY_TYPES",
+    "EntryDecoder",
 ]
 
 TOC_NAME = "stargz.index.json"
@@ -381,60 +382,23 @@ def build_toc(entries: list[TocEntry], *, toc_offset: int) -> Toc:
     )
 
 
-class _Parser:
-    def __init__(self, toc_offset: int) -> None:
-        if toc_offset < 0:
-            raise TocError(f"negative TOC offset {toc_offset}")
-        self.toc_offset = toc_offset
-        self.entries: list[TocEntry] = []
-        self.data_chunks: list[Chunk] = []  # every data chunk in TOC order, for blob_end
+class EntryDecoder:
+    """Decodes TOC entry objects into TocEntry values.
+
+    Shared by the eStargz and zstd:chunked TOCs, whose entries have the same fields. Keeps
+    what writers de-duplicate (§3.3: userName/groupName given once per id) and makes one
+    object per distinct mode/uid/gid and timestamp, which a 100,000-entry layer repeats.
+    """
+
+    def __init__(self, parse_mtime: Callable[[str], int] | None = None) -> None:
+        self._parse_mtime = parse_mtime or _parse_modtime
         self.user_names: dict[int, str] = {}
         self.group_names: dict[int, str] = {}
         self.mtimes: dict[str, int] = {}
-        self.ints: dict[int, int] = {}  # one object per distinct mode/uid/gid value
-        self.tree = _TreeBuilder()
-        # The reg entry whose chunk list is still open, with its raw chunk specs.
-        self.open_reg: TocEntry | None = None
-        self.open_specs: list[ChunkSpec] = []
-        self.last_type = ""
+        self.ints: dict[int, int] = {}
 
-    def finish(self) -> Toc:
-        self.close_reg()
-        resolve_blob_ends(self.data_chunks, self.toc_offset)
-        nodes = self.tree.finish()
-        landmark, prefetch_end = _landmark(nodes)
-        verifiable = all(c.digest is not None for c in self.data_chunks)
-        return Toc(
-            self.entries,
-            nodes,
-            toc_offset=self.toc_offset,
-            landmark=landmark,
-            prefetch_end=prefetch_end,
-            fully_verifiable=verifiable,
-        )
-
-    def add(self, raw: Any) -> None:
-        if not isinstance(raw, dict):
-            raise TocError("entry is not an object")
-        etype = json_str(raw, "type")
-        if etype == "chunk":
-            # §3.5 step 2: a chunk belongs to the last non-chunk entry; its name is ignored.
-            if self.open_reg is None:
-                raise TocError(f"'chunk' entry does not follow a 'reg' entry ({self.last_type!r})")
-            self.open_specs.append(ChunkSpec.parse(raw))
-            return
-        if etype not in ENTRY_TYPES:
-            raise TocError(f"unknown entry type {etype!r}")
-        self.close_reg()
-        self.last_type = etype
-        entry = self.make_entry(raw, etype)
-        self.entries.append(entry)
-        self.tree.add(entry)
-        if etype == "reg":
-            self.open_reg = entry
-            self.open_specs = [ChunkSpec.parse(raw)]
-
-    def make_entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
+    def entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
+        """The TocEntry of one non-chunk entry object (chunk lists are the caller's)."""
         name = normalize_name(json_text(raw, "name"))
         intern = self.ints.setdefault
         uid = intern(v := json_int(raw, "uid", _UINT32_MAX), v)
@@ -479,8 +443,59 @@ class _Parser:
         # Layers repeat a handful of timestamps; parse each distinct string once.
         cached = self.mtimes.get(text)
         if cached is None:
-            cached = self.mtimes[text] = _parse_modtime(text)
+            cached = self.mtimes[text] = self._parse_mtime(text)
         return cached
+
+
+class _Parser:
+    def __init__(self, toc_offset: int) -> None:
+        if toc_offset < 0:
+            raise TocError(f"negative TOC offset {toc_offset}")
+        self.toc_offset = toc_offset
+        self.entries: list[TocEntry] = []
+        self.data_chunks: list[Chunk] = []  # every data chunk in TOC order, for blob_end
+        self.decoder = EntryDecoder()
+        self.tree = _TreeBuilder()
+        # The reg entry whose chunk list is still open, with its raw chunk specs.
+        self.open_reg: TocEntry | None = None
+        self.open_specs: list[ChunkSpec] = []
+        self.last_type = ""
+
+    def finish(self) -> Toc:
+        self.close_reg()
+        resolve_blob_ends(self.data_chunks, self.toc_offset)
+        nodes = self.tree.finish()
+        landmark, prefetch_end = _landmark(nodes)
+        verifiable = all(c.digest is not None for c in self.data_chunks)
+        return Toc(
+            self.entries,
+            nodes,
+            toc_offset=self.toc_offset,
+            landmark=landmark,
+            prefetch_end=prefetch_end,
+            fully_verifiable=verifiable,
+        )
+
+    def add(self, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            raise TocError("entry is not an object")
+        etype = json_str(raw, "type")
+        if etype == "chunk":
+            # §3.5 step 2: a chunk belongs to the last non-chunk entry; its name is ignored.
+            if self.open_reg is None:
+                raise TocError(f"'chunk' entry does not follow a 'reg' entry ({self.last_type!r})")
+            self.open_specs.append(ChunkSpec.parse(raw))
+            return
+        if etype not in ENTRY_TYPES:
+            raise TocError(f"unknown entry type {etype!r}")
+        self.close_reg()
+        self.last_type = etype
+        entry = self.decoder.entry(raw, etype)
+        self.entries.append(entry)
+        self.tree.add(entry)
+        if etype == "reg":
+            self.open_reg = entry
+            self.open_specs = [ChunkSpec.parse(raw)]
 
     def close_reg(self) -> None:
         entry, specs = self.open_reg, self.open_specs

@@ -22,21 +22,18 @@ from store.estargz.toc import (
     ENTRY_TYPES,
     Chunk,
     ChunkSpec,
+    EntryDecoder,
     Toc,
     TocEntry,
     build_toc,
     json_int,
     json_str,
-    json_text,
-    json_xattrs,
-    normalize_name,
     resolve_blob_ends,
     resolve_chunks,
 )
 
 __all__ = ["Region", "ParsedToc", "parse_toc", "parse_time_ns"]
 
-_UINT32_MAX = (1 << 32) - 1
 _CHUNK_TYPES = frozenset({"", "zeros"})
 # RFC 3339 with optional fraction (Go marshals time.Time as RFC 3339 with nanoseconds).
 _TIME_RE = re.compile(
@@ -107,9 +104,8 @@ class _Parser:
         self.entries: list[TocEntry] = []
         self.data_chunks: list[Chunk] = []
         self.ends: list[tuple[TocEntry, int]] = []  # (file, endOffset or 0), files with data
-        self.mtimes: dict[str, int] = {}
-        self.user_names: dict[int, str] = {}
-        self.group_names: dict[int, str] = {}
+        # same entry fields as eStargz; zstd:chunked keeps nanoseconds in modtime
+        self.decoder = EntryDecoder(parse_time_ns)
         self.open: TocEntry | None = None
         self.open_end = 0
         self.specs: list[ChunkSpec] = []
@@ -127,54 +123,12 @@ class _Parser:
         if etype not in ENTRY_TYPES:
             raise TocError(f"unknown entry type {etype!r}")
         self.close_file()
-        entry = self._entry(raw, etype)
+        entry = self.decoder.entry(raw, etype)
         self.entries.append(entry)
         if etype == "reg":
             self.open = entry
             self.open_end = json_int(raw, "endOffset")
             self.specs = [_spec(raw)]
-
-    def _entry(self, raw: dict[str, Any], etype: str) -> TocEntry:
-        name = normalize_name(json_text(raw, "name"))
-        uid = json_int(raw, "uid", _UINT32_MAX)
-        gid = json_int(raw, "gid", _UINT32_MAX)
-        # stargz-snapshotter de-duplicates userName/groupName: remember id -> name.
-        user_name = json_str(raw, "userName") or self.user_names.get(uid, "")
-        group_name = json_str(raw, "groupName") or self.group_names.get(gid, "")
-        if user_name:
-            self.user_names[uid] = user_name
-        if group_name:
-            self.group_names[gid] = group_name
-        link_name = json_text(raw, "linkName")
-        if etype == "hardlink":
-            link_name = normalize_name(link_name)
-        if etype in ("symlink", "hardlink") and not link_name:
-            raise TocError(f"{etype} {name!r} has no linkName")
-        digest = json_str(raw, "digest") or None
-        if digest is not None and not is_digest(digest):
-            raise TocError(f"invalid digest {digest[:80]!r}")
-        return TocEntry(
-            name=name,
-            type=etype,
-            size=json_int(raw, "size") if etype == "reg" else 0,
-            mode=json_int(raw, "mode") & 0o7777,  # the type comes from 'type'
-            uid=uid,
-            gid=gid,
-            mtime_ns=self._mtime(json_str(raw, "modtime")),
-            link_name=link_name,
-            dev_major=json_int(raw, "devMajor", _UINT32_MAX),
-            dev_minor=json_int(raw, "devMinor", _UINT32_MAX),
-            xattrs=json_xattrs(raw.get("xattrs")),
-            digest=digest,
-            user_name=user_name,
-            group_name=group_name,
-        )
-
-    def _mtime(self, text: str) -> int:
-        cached = self.mtimes.get(text)
-        if cached is None:
-            cached = self.mtimes[text] = parse_time_ns(text)
-        return cached
 
     def close_file(self) -> None:
         entry, specs, end = self.open, self.specs, self.open_end
