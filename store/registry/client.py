@@ -293,19 +293,14 @@ class RegistryClient:
         what = f"blob {repository}@{digest}"
         headers = {"Accept-Encoding": "identity"}
 
-        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> bytes:
-            path = f"/v2/{ep.repository}/blobs/{digest}"
-
-            def attempt(deadline_at: float) -> bytes:
-                resp = self._open("GET", ep.host, ep.repository, path, headers, deadline_at, what)
-                with resp:
-                    return _read_body(resp, max_size, what)
-
-            data = self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
-            expected.verify(data, what)
+        def attempt(ep: Endpoint, path: str, deadline_at: float) -> bytes:
+            resp = self._open("GET", ep.host, ep.repository, path, headers, deadline_at, what)
+            with resp:
+                data = _read_body(resp, max_size, what)
+            expected.verify(data, what)  # a bad copy at a mirror: the next endpoint is tried
             return data
 
-        return self._across(registry, repository, True, digest, from_endpoint)
+        return self._on_blob(registry, repository, digest, what, attempt)
 
     def read_range(
         self, registry: str, repository: str, digest: str, offset: int, length: int
@@ -326,27 +321,22 @@ class RegistryClient:
         what = f"blob {repository}@{digest} bytes {offset}-{end}"
         headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
 
-        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> bytes:
-            path = f"/v2/{ep.repository}/blobs/{digest}"
+        def attempt(ep: Endpoint, path: str, deadline_at: float) -> bytes:
+            resp = self._open(
+                "GET", ep.host, ep.repository, path, headers, deadline_at, what,
+                passthrough={416},
+            )
+            with resp:
+                if resp.status_code == 416:
+                    raise self._unsatisfiable(resp, offset, what)
+                if resp.status_code == 206:
+                    return self._read_partial(resp, offset, length, what)
+                if resp.status_code == 200:
+                    self._note_range_ignored(ep.host, ep.repository, digest)
+                    return self._slice_full_body(resp, offset, length, what)
+                raise RegistryError(f"{what}: unexpected HTTP {resp.status_code}")
 
-            def attempt(deadline_at: float) -> bytes:
-                resp = self._open(
-                    "GET", ep.host, ep.repository, path, headers, deadline_at, what,
-                    passthrough={416},
-                )
-                with resp:
-                    if resp.status_code == 416:
-                        raise self._unsatisfiable(resp, offset, what)
-                    if resp.status_code == 206:
-                        return self._read_partial(resp, offset, length, what)
-                    if resp.status_code == 200:
-                        self._note_range_ignored(ep.host, ep.repository, digest)
-                        return self._slice_full_body(resp, offset, length, what)
-                    raise RegistryError(f"{what}: unexpected HTTP {resp.status_code}")
-
-            return self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
-
-        return self._across(registry, repository, True, digest, from_endpoint)
+        return self._on_blob(registry, repository, digest, what, attempt)
 
     def read_ranges(
         self,
@@ -370,20 +360,15 @@ class RegistryClient:
         # the size of the blob itself, not of some compressed representation of it
         headers = {"Accept-Encoding": "identity"}
 
-        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> int:
-            path = f"/v2/{ep.repository}/blobs/{digest}"
+        def attempt(ep: Endpoint, path: str, deadline_at: float) -> int:
+            resp = self._open("HEAD", ep.host, ep.repository, path, headers, deadline_at, what)
+            with resp:
+                size = _content_length(resp)
+            if size is None:
+                raise RegistryError(f"{what}: no Content-Length in the answer")
+            return size
 
-            def attempt(deadline_at: float) -> int:
-                resp = self._open("HEAD", ep.host, ep.repository, path, headers, deadline_at, what)
-                with resp:
-                    size = _content_length(resp)
-                if size is None:
-                    raise RegistryError(f"{what}: no Content-Length in the answer")
-                return size
-
-            return self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
-
-        return self._across(registry, repository, True, digest, from_endpoint)
+        return self._on_blob(registry, repository, digest, what, attempt)
 
     def download_blob(
         self,
@@ -405,10 +390,8 @@ class RegistryClient:
         verifier = Verifier(digest, what)
         # The verifier spans endpoints: a transfer broken off at a mirror resumes elsewhere,
         # and the digest check at the end covers every byte whatever served it.
-        ep = Endpoint(registry, repository)
 
-        def attempt(deadline_at: float) -> int:
-            path = f"/v2/{ep.repository}/blobs/{digest}"
+        def attempt(ep: Endpoint, path: str, deadline_at: float) -> int:
             have = verifier.size
             headers = {"Accept-Encoding": "identity"}
             if have:
@@ -446,12 +429,7 @@ class RegistryClient:
                     raise TransientRegistryError(f"{what}: body ended before the resume point")
                 return verifier.size
 
-        def from_endpoint(endpoint: Endpoint, deadline_at: float, attempts: int) -> int:
-            nonlocal ep
-            ep = endpoint
-            return self._retrying(what, attempt, deadline_at=deadline_at, max_attempts=attempts)
-
-        size = self._across(registry, repository, True, digest, from_endpoint)
+        size = self._on_blob(registry, repository, digest, what, attempt)
         if expected_size is not None and size != expected_size:
             raise FormatError(f"{what}: {size} bytes, expected {expected_size}")
         verifier.check()
@@ -556,6 +534,28 @@ class RegistryClient:
         if self._registries.blocked(registry, repository):
             raise Denied(f"{registry}/{repository} is blocked in registries.conf")
         return self._registries.endpoints(registry, repository, digested=digested)
+
+    def _on_blob(
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        what: str,
+        attempt: Callable[[Endpoint, str, float], T],
+    ) -> T:
+        """attempt(endpoint, blob path, deadline) at each endpoint in turn (mirrors, then the
+        registry), each with its own retries, until one succeeds."""
+
+        def from_endpoint(ep: Endpoint, deadline_at: float, attempts: int) -> T:
+            path = f"/v2/{ep.repository}/blobs/{digest}"
+            return self._retrying(
+                what,
+                lambda deadline: attempt(ep, path, deadline),
+                deadline_at=deadline_at,
+                max_attempts=attempts,
+            )
+
+        return self._across(registry, repository, True, digest, from_endpoint)
 
     def _across(
         self,
