@@ -507,14 +507,7 @@ class RegistryClient:
         auth = self._cached_auth(registry, scope, deadline_at)
         resp = send(auth)
         if resp.status_code == 401 and own_origin:
-            header = resp.headers.get("WWW-Authenticate", "")
-            resp.close()
-            if not header:
-                raise AuthError(f"{what}: HTTP 401 without a WWW-Authenticate challenge")
-            challenge = parse_www_authenticate(header)
-            with self._lock:
-                self._challenges[registry] = challenge
-            auth = self._authenticate(registry, scope, challenge, deadline_at, refused=auth)
+            challenge, auth = self._answer_challenge(resp, registry, scope, auth, deadline_at, what)
             resp = send(auth)
             if resp.status_code == 401:
                 resp.close()
@@ -742,14 +735,7 @@ class RegistryClient:
             url = self._base_url(registry) + path
             resp, foreign = self._send(method, url, headers, auth, deadline_at)
         if resp.status_code == 401 and not foreign:
-            header = resp.headers.get("WWW-Authenticate", "")
-            resp.close()
-            if not header:
-                raise AuthError(f"{what}: HTTP 401 without a WWW-Authenticate challenge")
-            challenge = parse_www_authenticate(header)
-            with self._lock:
-                self._challenges[registry] = challenge
-            auth = self._authenticate(registry, scope, challenge, deadline_at, refused=auth)
+            challenge, auth = self._answer_challenge(resp, registry, scope, auth, deadline_at, what)
             resp, foreign = self._send(method, url, headers, auth, deadline_at)
             if resp.status_code == 401 and not foreign:
                 resp.close()
@@ -758,6 +744,28 @@ class RegistryClient:
             return resp
         self._raise_for_status(resp, what, foreign)
         return resp
+
+    def _answer_challenge(
+        self,
+        resp: requests.Response,
+        registry: str,
+        scope: str,
+        refused: str | None,
+        deadline_at: float,
+        what: str,
+    ) -> tuple[Challenge, str]:
+        """Read the challenge of a 401 (closing it), remember it for the registry, and get the
+        credentials it asks for; the caller sends the request again with them."""
+        header = resp.headers.get("WWW-Authenticate", "")
+        resp.close()
+        if not header:
+            raise AuthError(f"{what}: HTTP 401 without a WWW-Authenticate challenge")
+        challenge = parse_www_authenticate(header)
+        with self._lock:
+            self._challenges[registry] = challenge
+        return challenge, self._authenticate(
+            registry, scope, challenge, deadline_at, refused=refused
+        )
 
     def _send(
         self,
