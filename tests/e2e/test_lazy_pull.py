@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.harness import images
+from tests.harness.checks import assert_expected_tree, layer_gets
 from tests.harness.images import TestImage
 from tests.harness.podman import PodmanEnv
 from tests.harness.procutil import wait_for
-from tests.harness.registry import AccessEntry, LocalRegistry
+from tests.harness.registry import LocalRegistry
 from tests.harness.store import StoreProcess
 
 pytestmark = pytest.mark.e2e
@@ -37,23 +38,6 @@ BENCH_RESULT = REPO_ROOT / "bench" / "results" / "e2e-pull-times.json"
 @pytest.fixture(params=VARIANTS)
 def image(request: pytest.FixtureRequest, e2e_image_of) -> TestImage:
     return e2e_image_of(request.param)
-
-
-def layer_gets(entries: list[AccessEntry], img: TestImage, status: int) -> list[AccessEntry]:
-    digests = set(img.layer_digests)
-    return [
-        e
-        for e in entries
-        if e.method == "GET" and e.status == status and e.path.rsplit("/", 1)[-1] in digests
-    ]
-
-
-def assert_expected_tree(got: images.Listing, img: TestImage) -> None:
-    want = img.tree.restrict(images.E2E_ROOTS, images.E2E_TOPS)
-    assert images.tree_diff(want, got.entries) == []
-    for group in img.tree.hardlinks:
-        assert len({got.inodes[p][0] for p in group}) == 1, {p: got.inodes[p] for p in group}
-        assert {got.inodes[p][1] for p in group} == {len(group)}
 
 
 def test_pull_is_lazy(

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import statistics
 import tarfile
 import time
@@ -27,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from tests.harness import compat, images
+from tests.harness.checks import assert_expected_tree, expected_key_kind, layer_gets
 from tests.harness.images import TestImage
 from tests.harness.podman import PodmanEnv
 from tests.harness.podman5 import ChrootPodman, host_podman_version, shared_chroot
-from tests.harness.registry import AccessEntry, LocalRegistry
+from tests.harness.registry import LocalRegistry
 from tests.harness.store import StoreProcess
 
 pytestmark = pytest.mark.e2e
@@ -42,15 +42,6 @@ ENGINES = ("host", "chroot")
 
 
 # -- the two Podmans ------------------------------------------------------------------------------
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
-
-
-def expected_key_kind(version: str) -> str:
-    """containers/storage asks an ALS by TOC digest from 5.1 on, by blob digest before."""
-    return "toc" if version_tuple(version) >= (5, 1) else "blob"
 
 
 def expected_keys(img: TestImage, kind: str) -> list[str]:
@@ -163,23 +154,6 @@ def plain(engine: Engine, podman_envs) -> PodmanEnv:
 
 
 # -- checks ---------------------------------------------------------------------------------------
-
-
-def layer_gets(entries: list[AccessEntry], img: TestImage, status: int) -> list[AccessEntry]:
-    digests = set(img.layer_digests)
-    return [
-        e
-        for e in entries
-        if e.method == "GET" and e.status == status and e.path.rsplit("/", 1)[-1] in digests
-    ]
-
-
-def assert_expected_tree(got: images.Listing, img: TestImage) -> None:
-    want = img.tree.restrict(images.E2E_ROOTS, images.E2E_TOPS)
-    assert images.tree_diff(want, got.entries) == []
-    for group in img.tree.hardlinks:
-        assert len({got.inodes[p][0] for p in group}) == 1, {p: got.inodes[p] for p in group}
-        assert {got.inodes[p][1] for p in group} == {len(group)}
 
 
 def assert_lazy_pull(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,11 +34,17 @@ import pytest
 import zstandard
 
 from tests.harness import compat, images
+from tests.harness.checks import (
+    assert_expected_tree,
+    expected_key_kind,
+    layer_gets,
+    version_tuple,
+)
 from tests.harness.containerd import Containerd
 from tests.harness.images import TestImage
 from tests.harness.podman import PodmanEnv
 from tests.harness.podman5 import ChrootPodman, host_podman_version, shared_chroot
-from tests.harness.registry import AccessEntry, LocalRegistry
+from tests.harness.registry import LocalRegistry
 from tests.harness.store import StoreProcess
 from tests.harness.zstdchunked import fetch_zstd_chunked, go_tar, podman_push_zstd_chunked
 
@@ -55,10 +60,6 @@ FORMATS = {
 }
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
-
-
 @dataclass
 class Engine:
     name: str  # "host" or "chroot"
@@ -69,7 +70,7 @@ class Engine:
 
     @property
     def key_kind(self) -> str:
-        return "toc" if version_tuple(self.version) >= (5, 1) else "blob"
+        return expected_key_kind(self.version)
 
     @property
     def generation(self) -> str:
@@ -163,14 +164,6 @@ CASES = [
 # -- checks ---------------------------------------------------------------------------------------
 
 
-def layer_gets(entries: list[AccessEntry], img: TestImage, status: int) -> list[AccessEntry]:
-    digests = set(img.layer_digests)
-    return [
-        e for e in entries
-        if e.method == "GET" and e.status == status and e.path.rsplit("/", 1)[-1] in digests
-    ]
-
-
 def expected_keys(img: TestImage, kind: str) -> list[str]:
     if kind == "blob":
         return img.layer_digests
@@ -184,14 +177,6 @@ def layer_tar_sizes(img: TestImage, tars: list[bytes]) -> list[int]:
     if img.tag == "ctr":
         return [int(d["annotations"][images.UNCOMPRESSED_SIZE]) for d in img.manifest["layers"]]
     return [len(t) for t in tars]
-
-
-def assert_expected_tree(got: images.Listing, img: TestImage) -> None:
-    want = img.tree.restrict(images.E2E_ROOTS, images.E2E_TOPS)
-    assert images.tree_diff(want, got.entries) == []
-    for group in img.tree.hardlinks:
-        assert len({got.inodes[p][0] for p in group}) == 1, {p: got.inodes[p] for p in group}
-        assert {got.inodes[p][1] for p in group} == {len(group)}
 
 
 def saved_layer_digests(archive: Path) -> tuple[list[str], list[str]]:
