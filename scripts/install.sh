@@ -84,7 +84,9 @@ fi
 stamp="$VENV/.layerstore-install"
 want=$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1):$REPO
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-    && "$VENV/bin/python" -c 'import store, pyfuse3, trio, pytest' 2>/dev/null \
+    && (cd / && "$VENV/bin/python" -c 'import sys, store, pyfuse3, trio, pytest
+# editable: the command runs this checkout (a plain `pip install .` would freeze a copy)
+sys.exit(not store.__file__.startswith(sys.argv[1]))' "$REPO/store/") 2>/dev/null \
     && [ -x "$VENV/bin/ruff" ]; then
   say "venv $VENV is up to date"
 else
