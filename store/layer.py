@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,8 @@ class RemoteLayer:
                 span = chunk.blob_end - chunk.blob_offset
             windows[-1].append(chunk)
         assert self.readahead is not None
+        if self._closed:
+            return  # dropped or stopping: no new work
         for window in windows:
             if not window:
                 continue
@@ -454,7 +457,9 @@ class RemoteLayer:
             finally:
                 tmp.unlink(missing_ok=True)
             log.info("blob.downloaded", digest=self.source.digest, size=self.source.size)
-        self._blob_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, fd)  # see close()
+        self._blob_fd = fd
         self._blob_path = path
         return path
 
@@ -484,10 +489,13 @@ class RemoteLayer:
         return self._closed
 
     def close(self) -> None:
+        """No new background work (read-ahead, prefetch) for this layer from now on.
+
+        The blob file stays open until the object is collected: a worker thread may still be
+        reading it, and closing the number under it could let it read whatever file gets
+        that number next.
+        """
         self._closed = True
-        if self._blob_fd is not None:
-            os.close(self._blob_fd)
-            self._blob_fd = None
 
 
 def _key(chunk: Chunk) -> ChunkKey:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -104,7 +105,8 @@ class Prefetcher:
         self._bandwidth = _Bandwidth(bandwidth_mbps * 1e6 / 8)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._seen: set[int] = set()
+        # Layers already scheduled. Weak: a dropped layer's id() is reused by later objects.
+        self._seen: weakref.WeakSet[RemoteLayer] = weakref.WeakSet()
         # Prefetch of a layer is one request, run on its own small pool so that a slow
         # background queue never delays the next layer's prefetch.
         self._prefetch_pool = ThreadPoolExecutor(2, thread_name_prefix="prefetch")
@@ -123,9 +125,9 @@ class Prefetcher:
         if not self.enabled or self._stop.is_set():
             return
         with self._lock:
-            if id(layer) in self._seen:
+            if layer in self._seen:
                 return
-            self._seen.add(id(layer))
+            self._seen.add(layer)
         with contextlib.suppress(RuntimeError):  # pool shut down: the store is stopping
             self._prefetch_pool.submit(self._start, layer)
 
@@ -145,6 +147,8 @@ class Prefetcher:
     # -- work --------------------------------------------------------------------------------
 
     def _start(self, layer: RemoteLayer) -> None:
+        if layer.closed:  # dropped (released by Podman) before its turn came
+            return
         chunks = list(layer.data_chunks())
         end = layer.toc.prefetch_end
         head = [c for c in chunks if end is not None and c.blob_offset < end]
@@ -199,10 +203,10 @@ class Prefetcher:
                 return
 
     def _background_group(self, job: _BackgroundJob, group: list[Chunk]) -> None:
-        if self._stop.is_set() or job.failed:
+        if self._stop.is_set() or job.failed or job.layer.closed:
             return
         self.gate.wait_idle(self._stop)
-        if self._stop.is_set():
+        if self._stop.is_set() or job.layer.closed:
             return
         todo = job.layer.missing_chunks(group)
         if todo:

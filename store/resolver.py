@@ -82,6 +82,10 @@ class LazyFacts:
     layout: zstdchunked.Layout | None = None  # from the position annotations, if present
 
 
+class _LayerDropped(Exception):
+    """The layer a resolve was about to hand out was dropped meanwhile (retried)."""
+
+
 class Resolver:
     def __init__(
         self,
@@ -139,6 +143,7 @@ class Resolver:
         """Forget *layer* and the paths that led to it (nobody can reach it any more); a
         later lookup of such a path resolves it again, from the state DB. Returns the paths."""
         with self._lock:
+            layer.close()  # under the lock: a resolve storing a handle sees it closed
             paths = [p for p, h in self._handles.items() if h.layer is layer]
             for path in paths:
                 del self._handles[path]
@@ -146,8 +151,13 @@ class Resolver:
                 del self._layers[ident]
                 self._chunked.pop(ident, None)
                 self._tar_sizes.pop(ident, None)
-        layer.close()
         return paths
+
+    def _store_handle(self, handle: LayerHandle) -> None:
+        with self._lock:
+            if handle.layer.closed:
+                raise _LayerDropped
+            self._handles[(handle.ref, handle.key)] = handle
 
     def close(self) -> None:
         with self._lock:
@@ -158,6 +168,16 @@ class Resolver:
     # -- steps -------------------------------------------------------------------------------
 
     def _resolve(self, ref_text: str, key: str) -> LayerHandle:
+        # A layer this resolve found may be dropped (its other paths released) before the
+        # handle is stored: then the layer is opened afresh.
+        for _ in range(2):
+            try:
+                return self._resolve_once(ref_text, key)
+            except _LayerDropped:
+                continue
+        return self._resolve_once(ref_text, key)
+
+    def _resolve_once(self, ref_text: str, key: str) -> LayerHandle:
         recorded = self.state.get(ref_text, key) if self.state is not None else None
         if recorded is not None:
             try:
@@ -197,8 +217,7 @@ class Resolver:
             compression=rec.compression,
         )
         handle = LayerHandle(rec.ref, rec.key, record, layer)
-        with self._lock:
-            self._handles[(rec.ref, rec.key)] = handle
+        self._store_handle(handle)
         log.info(
             "layer.prepared",
             ref=rec.ref,
@@ -259,8 +278,7 @@ class Resolver:
                     layer_count=len(image.manifest.layers),
                 )
             )
-        with self._lock:
-            self._handles[(ref_text, key)] = handle
+        self._store_handle(handle)
         log.info(
             "layer.prepared",
             ref=ref_text,
@@ -366,6 +384,8 @@ class Resolver:
         if size is not None:
             return size
         if chunked is None:
+            if layer.closed:
+                raise _LayerDropped  # its TOC went with it: open it again
             raise NotLazyLayer("layer has no uncompressed-size annotation")
         started = time.monotonic()
         size = zstdchunked.uncompressed_size(chunked, layer.source.read_range)

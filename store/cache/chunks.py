@@ -11,10 +11,12 @@ the files' mtimes, so the LRU order survives restarts.
 
 Write-behind: chunks a reader is waiting for are also in the memory cache, so writing them to
 disk can wait. Such puts are queued (up to `write_behind_bytes`) and written by one thread once
-the puts have paused for `quiet` seconds (or the queue is three-quarters full): a cold
-sequential read then does not pay for its own persistence, and a slow disk never slows a
-read. Queued chunks are answered from the queue; close() writes them all; a SIGKILL loses only
-the queued ones, which are fetched again when next needed.
+the puts have paused for `quiet` seconds, the queue is three-quarters full, or its oldest entry
+is WRITE_BEHIND_MAX_AGE old: a cold sequential read then does not pay for its own persistence,
+and a slow disk never slows a read. Queued chunks are answered from the queue; close() writes
+them all; a SIGKILL loses only the queued ones, which are fetched again when next needed. The
+queue holds its own reference: chunks the memory cache has meanwhile evicted stay in RAM until
+written, so the bound on chunk memory is the memory cache plus `write_behind_bytes`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 Key = tuple[str, int]  # (chunk digest, uncompressed size), as in the memory ChunkCache
 WRITE_BEHIND_QUIET = 0.25  # seconds without a deferred put before queued chunks are written
+WRITE_BEHIND_MAX_AGE = 5.0  # ...but none waits longer than this under a steady trickle of reads
 
 
 class DiskChunkCache:
@@ -54,8 +57,9 @@ class DiskChunkCache:
         self._index: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
         self._bytes = 0
         self._shards: set[Path] = set()  # directories known to exist
-        # write-behind queue: digest -> verified bytes, oldest first
-        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        # write-behind queue: digest -> (verified bytes, when queued), oldest first
+        self._pending: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._writing: set[str] = set()  # written right now by a caller's thread
         self._pending_bytes = 0
         self._write_behind = write_behind_bytes
         self._quiet = quiet
@@ -84,7 +88,7 @@ class DiskChunkCache:
             queued = self._pending.get(digest)
             if queued is not None:
                 self.hits += 1
-                return queued  # verified by whoever queued it, and never left memory
+                return queued[0]  # verified by whoever queued it, and never left memory
             known = self._index.get(digest)
             if known is None:
                 self.misses += 1
@@ -131,20 +135,26 @@ class DiskChunkCache:
             if digest in self._index:
                 self._index.move_to_end(digest)
                 return
-            if digest in self._pending:
+            if digest in self._pending or digest in self._writing:
                 return
+            now = time.monotonic()
             if (
                 defer
                 and not self._closed
                 and self._pending_bytes + size <= self._write_behind
             ):
-                self._pending[digest] = data
+                self._pending[digest] = (data, now)
                 self._pending_bytes += size
-                self._last_put = time.monotonic()
+                self._last_put = now
                 self._start_writer_locked()
                 self._changed.notify_all()
                 return
-        self._write(digest, data)
+            self._writing.add(digest)
+        try:
+            self._write(digest, data)
+        finally:
+            with self._lock:
+                self._writing.discard(digest)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write every queued chunk now; False if *timeout* ran out first."""
@@ -162,17 +172,20 @@ class DiskChunkCache:
                 self._flushing -= 1
         return True
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Write what is queued (up to *timeout*), then stop the writer; later puts write now."""
-        if not self.flush(timeout):
+    def close(self, timeout: float = 60.0) -> bool:
+        """Write what is queued (up to *timeout*), then stop the writer; later puts write now.
+        False if some queued chunks could not be written in time (they are fetched again)."""
+        with self._changed:
+            self._closed = True  # first: puts arriving meanwhile must not keep the queue full
+            self._changed.notify_all()
+        written = self.flush(timeout)
+        if not written:
             with self._lock:
                 left = len(self._pending)
             log.warning("chunk_cache.unwritten", chunks=left, note="fetched again when needed")
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
         if self._writer is not None:
             self._writer.join(5)
+        return written
 
     @property
     def pending(self) -> int:
@@ -212,9 +225,9 @@ class DiskChunkCache:
             if digest not in self._index:
                 self._index[digest] = len(data)
                 self._bytes += len(data)
-            victims = self._evict_locked()
-        for victim in victims:
-            self._path(victim).unlink(missing_ok=True)
+            # Unlinked under the lock: a victim put again right after must keep its new file.
+            for victim in self._evict_locked():
+                self._path(victim).unlink(missing_ok=True)
 
     def _start_writer_locked(self) -> None:
         if self._writer is None:
@@ -223,13 +236,13 @@ class DiskChunkCache:
             )
             self._writer.start()
 
-    def _should_write_locked(self) -> bool:
-        return (
-            self._closed
-            or self._flushing > 0
-            or self._pending_bytes * 4 > self._write_behind * 3
-            or time.monotonic() - self._last_put >= self._quiet
-        )
+    def _write_due_locked(self) -> float:
+        """Seconds until the queue should be written (0: now)."""
+        if self._closed or self._flushing > 0 or self._pending_bytes * 4 > self._write_behind * 3:
+            return 0.0
+        now = time.monotonic()
+        oldest = next(iter(self._pending.values()))[1]
+        return max(0.0, min(self._last_put + self._quiet, oldest + WRITE_BEHIND_MAX_AGE) - now)
 
     def _write_behind_loop(self) -> None:
         with self._changed:
@@ -239,11 +252,11 @@ class DiskChunkCache:
                         return
                     self._changed.wait()
                     continue
-                if not self._should_write_locked():
-                    left = self._quiet - (time.monotonic() - self._last_put)
-                    self._changed.wait(max(left, 0.01))
+                due = self._write_due_locked()
+                if due > 0:
+                    self._changed.wait(max(due, 0.01))
                     continue
-                digest, data = next(iter(self._pending.items()))
+                digest, (data, _) = next(iter(self._pending.items()))
                 self._lock.release()
                 try:
                     self._write(digest, data)

@@ -148,6 +148,15 @@ class Namespace:
             self._layer_lookups[id(layer)] = left
             return layer if left <= 0 else None
 
+    def key_paths(self, layer: RemoteLayer) -> list[tuple[Inode, str, str]]:
+        """(reference directory inode, reference, key) of every path that leads to *layer*."""
+        with self._lock:
+            return [
+                (node.ref_inode, self._refs[node.ref_inode].ref, node.handle.key)
+                for node in self._keys.values()
+                if node.handle.layer is layer
+            ]
+
     def kernel_refs(self, layer: RemoteLayer) -> int:
         with self._lock:
             return self._layer_lookups.get(id(layer), 0)

@@ -83,6 +83,7 @@ class Operations(pyfuse3.Operations):
         self._resolve_limiter = trio.CapacityLimiter(max(2, io_threads // 2))
         self._read_limiter = trio.CapacityLimiter(io_threads)
         self._mount_time_ns = 0
+        self._trim_pending = False
         # Run once in a thread at the first lookup, when the kernel has taken our INIT reply
         # (mount-time tuning that INIT would undo); must not raise.
         self.after_init: Callable[[], object] | None = None
@@ -387,8 +388,10 @@ class Operations(pyfuse3.Operations):
             key = os.fsdecode(name)
             n = self.refcounts.release(loc.ref.ref, key)
             log.info("layer.release", ref=loc.ref.ref, key=key, count=n)
-            if n == 0:
-                self._release_unused(Inode(parent_inode), key, name)
+            ino = self.ns.find_key(Inode(parent_inode), key) if n == 0 else None
+            found = self.ns.locate(ino) if ino is not None else None
+            if found is not None and found.key is not None:
+                self._release_unused(found.key.handle.layer)
             raise _err(errno.ENOENT)
         raise _err(errno.EROFS)
 
@@ -439,48 +442,68 @@ class Operations(pyfuse3.Operations):
     # -- dropping layers nobody uses -------------------------------------------------------------
 
     async def forget(self, inode_list: Any) -> None:
-        # No reply and no error path: an exception here would end pyfuse3's main loop.
-        try:
-            dropped = False
-            for inode, nlookup in inode_list:
+        # No reply and no error path: an exception here would end pyfuse3's main loop, and one
+        # pair failing must not keep the others from being counted.
+        dropped = False
+        for inode, nlookup in inode_list:
+            try:
                 layer = self.ns.forget(inode, nlookup)
                 if layer is not None:
                     dropped = self._drop_if_unused(layer) or dropped
-            if dropped:
-                release_free_memory()  # a dropped TOC's pages go back to the system
-        except Exception as exc:  # noqa: BLE001 - see above
-            sig = ("forget", type(exc).__name__)
-            if sig not in _reported:
-                _reported.add(sig)
-                log.error("fuse.unexpected_error", op="forget", cause=repr(exc), exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - see above
+                self._report_once("forget", exc)
+        if dropped:
+            self._trim_soon()
 
-    def _release_unused(self, ref_inode: Inode, key: str, name: bytes) -> None:
-        """Podman released its last use of `<ref>/<key>`: drop the layer now if the kernel
-        holds none of its inodes, else ask the kernel to let go of the path's cached entries
-        (it keeps what is in use, e.g. an overlay lower dir) and drop it when they are forgotten.
-        """
-        ino = self.ns.find_key(ref_inode, key)
-        loc = self.ns.locate(ino) if ino is not None else None
-        if loc is None or loc.key is None:
-            return
-        layer = loc.key.handle.layer
+    def _release_unused(self, layer: RemoteLayer) -> None:
+        """Podman released its last use of a path to *layer*: drop the layer now if the
+        kernel holds none of its inodes, else ask the kernel to let go of the cached entries of
+        every unused path to it (it keeps what is in use, e.g. an overlay lower dir); the
+        layer is dropped when the last of its inodes is forgotten."""
         if self.ns.kernel_refs(layer) == 0:
             if self._drop_if_unused(layer):
-                release_free_memory()
-        else:
-            # async: the kernel holds the directory's lock until this rmdir is answered
-            pyfuse3.invalidate_entry_async(ref_inode, name, ignore_enoent=True)
+                self._trim_soon()
+            return
+        for ref_inode, ref, key in self.ns.key_paths(layer):
+            if self.refcounts.count(ref, key) == 0:
+                # async: the kernel holds the directory's lock until this rmdir is answered
+                pyfuse3.invalidate_entry_async(ref_inode, os.fsencode(key), ignore_enoent=True)
 
     def _drop_if_unused(self, layer: RemoteLayer) -> bool:
         """Free a layer the kernel holds no inode of and Podman uses through no path."""
         paths = [(h.ref, h.key) for h in self.resolver.handles() if h.layer is layer]
+        paths += [(ref, key) for _, ref, key in self.ns.key_paths(layer)]
         if any(self.refcounts.count(ref, key) for ref, key in paths):
             return False  # Podman still has it; kept until released (or the store restarts)
         if not self.ns.drop_layer(layer):
             return False
         self.resolver.drop(layer)
-        log.info("layer.dropped", blob=layer.source.digest, paths=len(paths))
+        log.info("layer.dropped", blob=layer.source.digest, paths=len(set(paths)))
         return True
+
+    def _trim_soon(self) -> None:
+        """Return a dropped layer's memory to the system, off the event loop (malloc_trim
+        takes milliseconds on a big heap); drops close together share one trim."""
+        if self._trim_pending:
+            return
+        self._trim_pending = True
+
+        async def trim() -> None:
+            try:
+                await trio.to_thread.run_sync(release_free_memory)
+            except Exception as exc:  # noqa: BLE001 - a system task must not raise
+                self._report_once("trim", exc)
+            finally:
+                self._trim_pending = False
+
+        trio.lowlevel.spawn_system_task(trim)
+
+    @staticmethod
+    def _report_once(op: str, exc: Exception) -> None:
+        sig = (op, type(exc).__name__)
+        if sig not in _reported:
+            _reported.add(sig)
+            log.error("fuse.unexpected_error", op=op, cause=repr(exc), exc_info=exc)
 
 
 ROOT = ROOT_INODE

@@ -127,3 +127,26 @@ def test_layer_in_use_by_the_kernel_is_kept(
     assert wait_for(lambda: dropped(store, held_blob, mark), WAIT, alive=store.alive)
     assert (held_layer / "diff" / "held.bin").read_bytes() == held_data
     assert not store.problems()
+
+
+def test_every_unused_path_to_a_released_layer_is_let_go(
+    registry: LocalRegistry, store: StoreProcess
+) -> None:
+    """One layer seen under both key kinds (blob digest, TOC digest): releasing the path
+    Podman used lets the kernel drop the other, unused one too, so the layer goes."""
+    data = hashlib.shake_256(b"gc-two-paths").digest(100_000)
+    img = esgz_image(registry, "fuse/gc-two-paths", {"f.bin": data})
+    desc = img.manifest["layers"][0]
+    by_blob = store.mountpoint / b64ref(img.ref) / desc["digest"]
+    by_toc = store.mountpoint / b64ref(img.ref) / desc["annotations"][TOC_ANN]
+    assert (by_blob / "diff" / "f.bin").read_bytes() == data
+    assert (by_toc / "diff" / "f.bin").read_bytes() == data
+    assert os.stat(by_blob / "diff" / "f.bin").st_ino == os.stat(by_toc / "diff" / "f.bin").st_ino
+    mark = store.mark()
+    use(by_blob)
+    release(by_blob)
+    assert wait_for(lambda: dropped(store, desc["digest"], mark), WAIT, alive=store.alive), \
+        store.log_tail()
+    (event,) = dropped(store, desc["digest"], mark)
+    assert event["paths"] == 2
+    assert (by_toc / "diff" / "f.bin").read_bytes() == data

@@ -6,19 +6,23 @@ records its range requests: nothing else is faked.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 
+from store.cache import chunks as chunks_mod
 from store.cache.chunks import DiskChunkCache
 from store.chunkcache import ChunkCache
 from store.digest import sha256_of
 from store.estargz import build_estargz_bytes
 from store.layer import RemoteLayer
+from store.prefetch import Prefetcher
 from tests.unit.tarbuild import TarBuilder
 
 
@@ -156,6 +160,22 @@ def test_write_behind_writes_once_puts_pause(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_write_behind_does_not_wait_forever_for_a_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads that never pause long enough (quiet never reached) still get their chunks
+    written once the oldest has waited WRITE_BEHIND_MAX_AGE."""
+    monkeypatch.setattr(chunks_mod, "WRITE_BEHIND_MAX_AGE", 0.05)
+    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=3600)
+    data = b"t" * 5000
+    cache.put(entry(data), data)
+    deadline = time.monotonic() + 30
+    while cache.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.pending == 0 and [p.read_bytes() for p in files_in(tmp_path)] == [data]
+    cache.close()
+
+
 def test_write_behind_queue_is_bounded(tmp_path: Path) -> None:
     """Past the budget a put writes at once; at three quarters the writer starts even while
     puts keep coming, so the queue never holds more than the budget."""
@@ -186,6 +206,78 @@ def test_undeferred_puts_and_puts_after_close_write_at_once(tmp_path: Path) -> N
     late = b"d" * 3000
     cache.put(entry(late), late)
     assert len(files_in(tmp_path)) == 3
+
+
+def test_close_writes_the_queue_while_puts_go_on(tmp_path: Path) -> None:
+    """Puts arriving during close() are written at once instead of refilling the queue, so
+    close() ends with everything on disk even under a steady stream of reads."""
+    cache = DiskChunkCache(tmp_path, 256 << 20, write_behind_bytes=1 << 20, quiet=0.01)
+    stop = threading.Event()
+    put: list[bytes] = []
+
+    def putter() -> None:
+        while not stop.is_set():
+            data = os.urandom(16) * 1024
+            cache.put(entry(data), data)
+            put.append(data)
+
+    threads = [threading.Thread(target=putter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(put) < 50:
+        time.sleep(0.01)
+    assert cache.close(timeout=120) is True
+    stop.set()
+    for t in threads:
+        t.join()
+    assert cache.pending == 0
+    assert {p.name for p in files_in(tmp_path)} == {sha256_of(d).split(":")[1] for d in put}
+
+
+def test_one_chunk_is_written_once_by_concurrent_puts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = DiskChunkCache(tmp_path, 1 << 20)
+    data = b"x" * 4096
+    renames: list[str] = []
+    real_replace = os.replace
+    started = threading.Event()
+
+    def slow_replace(src: str, dst: str) -> None:
+        renames.append(str(dst))
+        started.set()
+        time.sleep(0.2)  # the other put arrives while this write is under way
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    first = threading.Thread(target=cache.put, args=(entry(data), data))
+    first.start()
+    started.wait(30)
+    cache.put(entry(data), data)  # while the first is writing: nothing to do
+    first.join()
+    assert len(renames) == 1 and cache.get(entry(data)) == data
+
+
+def test_prefetcher_does_not_keep_dropped_layers(tmp_path: Path) -> None:
+    """Layers are remembered weakly: a dropped layer is freed, and a new layer that gets its
+    id() (CPython reuses addresses) is not mistaken for it."""
+    pre = Prefetcher(prefetch=True)
+    submitted: list[object] = []
+    pre._prefetch_pool.submit = lambda fn, layer: submitted.append(layer)  # type: ignore
+    try:
+        data = os.urandom(1000)
+        src, toc = make_layer(tmp_path, {"a": data})
+        layer = open_layer(src, toc, tmp_path, None)
+        pre.layer_opened(layer)
+        pre.layer_opened(layer)  # once per layer
+        assert submitted == [layer]
+        ref = weakref.ref(layer)
+        submitted.clear()
+        del layer
+        gc.collect()
+        assert ref() is None and len(pre._seen) == 0
+    finally:
+        pre.close()
 
 
 def test_layer_defers_only_what_it_keeps_in_memory(tmp_path: Path) -> None:
