@@ -112,7 +112,7 @@ def _registry_sources(rcfg: config_mod.RegistryConfig) -> dict[str, object]:
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so `layerstore --help` works even where libfuse is missing.
-    from store.cache import DiskChunkCache, StateDB
+    from store.cache import DiskChunkCache, StateDB, TailCache
     from store.chunkcache import ChunkCache
     from store.fuse.mount import serve
     from store.fuse.ops import Operations
@@ -157,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
         state=state,
         disk=disk,
         prefetcher=prefetcher,
+        tails=TailCache(root / "tocs"),
     )
     ops = Operations(resolver, io_threads=cfg.fetch.max_concurrency * 2)
     log.info("store.starting", version=__version__, root=str(root), mountpoint=str(mountpoint))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import structlog
 
-from store import oci, zstdchunked
+from store import estargz, oci, zstdchunked
 from store.als import COMPRESSION_GZIP, COMPRESSION_ZSTD, KeyKind, LayerRecord
 from store.cache.state import LayerState
 from store.chunkcache import ChunkCache
@@ -31,9 +32,12 @@ from store.singleflight import SingleFlight
 if TYPE_CHECKING:
     from store.cache.chunks import DiskChunkCache
     from store.cache.state import StateDB
+    from store.cache.tails import TailCache
+    from store.estargz import ReadAt
     from store.prefetch import Prefetcher
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +103,13 @@ class Resolver:
         state: StateDB | None = None,
         disk: DiskChunkCache | None = None,
         prefetcher: Prefetcher | None = None,
+        tails: TailCache | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
         self.state = state  # what each <ref>/<key> resolved to, across restarts
         self.disk = disk
+        self.tails = tails  # footer+TOC bytes kept on disk: reopening needs no registry
         self.prefetcher = prefetcher
         self.blob_dir = blob_dir
         self.manifest_ttl = manifest_ttl
@@ -349,8 +355,11 @@ class Resolver:
                 "readahead": pre.readahead if pre is not None else None,
             }
             if facts.zstd is not None:
-                chunked = zstdchunked.open_toc(
-                    source.read_range, source.size, facts.zstd, layout=facts.layout
+                chunked = self._open_meta(
+                    source,
+                    lambda read_at: zstdchunked.open_toc(
+                        read_at, source.size, facts.zstd, layout=facts.layout
+                    ),
                 )
                 opened = RemoteLayer(
                     source,
@@ -363,8 +372,15 @@ class Resolver:
                 with self._lock:
                     self._chunked[ident] = chunked
             else:
-                opened = RemoteLayer.open(
-                    source, facts.toc_digest, self.cache, self.blob_dir, **options
+                toc = self._open_meta(
+                    source, lambda read_at: estargz.open_toc(read_at, source.size, facts.toc_digest)
+                )
+                opened = RemoteLayer(
+                    source,
+                    toc,
+                    self.cache,
+                    self.blob_dir,
+                    **options,  # type: ignore[arg-type]
                 )
             with self._lock:
                 self._layers[ident] = opened
@@ -374,6 +390,12 @@ class Resolver:
             return opened
 
         return self._layer_flight.run(ident, open_layer)
+
+    def _open_meta(self, source: RegistryBlob, open_fn: Callable[[ReadAt], T]) -> T:
+        """Fetch and verify a layer's TOC, from the kept tail when there is one."""
+        if self.tails is None:
+            return open_fn(source.read_range)
+        return self.tails.open_with(source.digest, source.size, source.read_range, open_fn)
 
     def _tar_size(self, ident: tuple[str, str, str], layer: RemoteLayer) -> int:
         """The exact tar size of a zstd:chunked layer without a size annotation: from its
