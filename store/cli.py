@@ -165,7 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
     def stop() -> None:
         prefetcher.close()  # before the layers close: workers may still be reading them
         resolver.close()
-        disk.close()  # writes the chunks still queued for the disk cache
+        # Writes the chunks still queued for the disk cache; within the systemd unit's
+        # TimeoutStopSec (what is left is only refetched later).
+        disk.close(timeout=20)
         client.close()
         state.close()
 

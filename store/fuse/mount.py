@@ -134,10 +134,14 @@ def serve(ops: Operations, mountpoint: Path, *, on_stop: Callable[[], None] | No
         trio.run(_main)
     finally:
         _sd_notify("STOPPING=1")
-        if on_stop is not None:
-            on_stop()
-        pyfuse3.close(unmount=True)
-        log.info("store.unmounted", mountpoint=str(mountpoint))
+        try:
+            # Unmount first: nothing serves the mount any more, and every access to it would
+            # hang while on_stop finishes its work (read-ahead jobs, disk cache writes).
+            pyfuse3.close(unmount=True)
+            log.info("store.unmounted", mountpoint=str(mountpoint))
+        finally:
+            if on_stop is not None:
+                on_stop()
 
 
 async def _main() -> None:
