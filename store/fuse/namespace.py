@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import enum
 import threading
+from array import array
 from dataclasses import dataclass
 from typing import NewType
 
@@ -70,7 +71,11 @@ class Namespace:
         self._key_by_path: dict[tuple[str, str], Inode] = {}
         self._layer_base: dict[int, int] = {}  # id(layer) -> base inode
         self._ranges: list[tuple[int, int, RemoteLayer]] = []  # (base, end, layer), sorted
-        self._lookups: dict[int, int] = {}  # inode of a layer -> the kernel's lookup count
+        # The kernel's lookup counts: key/info/blob inodes in a dict; diff inodes in one array
+        # per layer, indexed like its DiffView (a 100,000-file layer: 800 kB, not a dict of
+        # 100,000 entries); and their sum per layer.
+        self._lookups: dict[int, int] = {}
+        self._diff_lookups: dict[int, array[int]] = {}  # id(layer) -> counts by node id
         self._layer_lookups: dict[int, int] = {}  # id(layer) -> sum over its inodes
 
     def _alloc(self, count: int) -> int:
@@ -126,24 +131,42 @@ class Namespace:
     def remember(self, inode: int) -> None:
         """The kernel took a reference (a lookup or readdir entry was answered)."""
         with self._lock:
-            layer = self._owner_locked(inode)
-            if layer is None:
+            owner = self._owner_locked(inode)
+            if owner is None:
                 return  # the root and reference directories are never dropped
-            self._lookups[inode] = self._lookups.get(inode, 0) + 1
+            layer, base = owner
+            if base is None:
+                self._lookups[inode] = self._lookups.get(inode, 0) + 1
+            else:
+                counts = self._diff_lookups.get(id(layer))
+                if counts is None:
+                    counts = array("Q", bytes(8 * layer.view.node_count))
+                    self._diff_lookups[id(layer)] = counts
+                counts[inode - base] += 1
             self._layer_lookups[id(layer)] = self._layer_lookups.get(id(layer), 0) + 1
 
     def forget(self, inode: int, nlookup: int) -> RemoteLayer | None:
         """The kernel dropped *nlookup* references; returns the layer if it now holds none."""
         with self._lock:
-            held = self._lookups.get(inode)
-            layer = self._owner_locked(inode)
-            if held is None or layer is None:
+            owner = self._owner_locked(inode)
+            if owner is None:
                 return None
-            gone = min(held, nlookup)
-            if held > gone:
-                self._lookups[inode] = held - gone
+            layer, base = owner
+            if base is None:
+                held = self._lookups.get(inode, 0)
+                gone = min(held, nlookup)
+                if held > gone:
+                    self._lookups[inode] = held - gone
+                else:
+                    self._lookups.pop(inode, None)
             else:
-                del self._lookups[inode]
+                counts = self._diff_lookups.get(id(layer))
+                held = counts[inode - base] if counts is not None else 0
+                gone = min(held, nlookup)
+                if counts is not None:
+                    counts[inode - base] = held - gone
+            if gone == 0:
+                return None
             left = self._layer_lookups.get(id(layer), 0) - gone
             self._layer_lookups[id(layer)] = left
             return layer if left <= 0 else None
@@ -168,6 +191,7 @@ class Namespace:
             if self._layer_lookups.get(id(layer), 0) > 0:
                 return False
             self._layer_lookups.pop(id(layer), None)
+            self._diff_lookups.pop(id(layer), None)
             for ino, node in list(self._keys.items()):
                 if node.handle.layer is layer:
                     del self._keys[ino]
@@ -180,16 +204,18 @@ class Namespace:
                 self._ranges = [r for r in self._ranges if r[2] is not layer]
             return True
 
-    def _owner_locked(self, inode: int) -> RemoteLayer | None:
+    def _owner_locked(self, inode: int) -> tuple[RemoteLayer, int | None] | None:
+        """The layer an inode belongs to, with the base of its diff range (None for its key,
+        info and blob inodes); None for the root, reference directories and unknown numbers."""
         for offset in (0, 1, 2):
             key = self._keys.get(inode - offset)
             if key is not None:
-                return key.handle.layer
+                return key.handle.layer, None
         i = bisect.bisect_right(self._ranges, inode, key=lambda r: r[0]) - 1
         if i >= 0:
             base, end, layer = self._ranges[i]
             if base <= inode < end:
-                return layer
+                return layer, base
         return None
 
     def locate(self, inode: int) -> Located | None:
