@@ -61,8 +61,12 @@ def _fmt(value: float, unit: str) -> str:
 
 def write_table(summary: dict) -> Path:
     """Render the results as a markdown table into docs/bench.md between the markers."""
+    partial = summary.get("partial_runs") or {}
+    reruns = "".join(
+        f"; `--only {part}` re-run at {when}" for part, when in sorted(partial.items())
+    )
     rows = [
-        f"Run of {summary['when']} ({summary['host']['cpus']} CPUs), from "
+        f"Run of {summary['when']}{reruns} ({summary['host']['cpus']} CPUs), from "
         "`bench/results/summary.json`:",
         "",
         "| result | layerstore | baseline | ratio | target | met |",
