@@ -263,7 +263,8 @@ def run_io(bench: Bench, registry: LocalRegistry) -> None:
                          image_mib=round(img.blob_size / MiB, 1))
             if label == "large":
                 continue
-            t_first, t_first_plain = measure_first_output(bench, registry, img, plain)
+            cold = measure_cold_rounds(bench, registry, img, plain)
+            t_first, t_first_plain = cold["first_output"]
             bench.record("first_output", value=t_first, baseline=t_first_plain, unit="s",
                          target="(report)", lower_is_better=True,
                          note="podman run of a command reading a few files, store cold "
@@ -272,28 +273,35 @@ def run_io(bench: Bench, registry: LocalRegistry) -> None:
             bench.record("pull_plus_first_output", value=t_lazy + t_first,
                          baseline=t_plain + t_first_plain, unit="s", target="(report)",
                          lower_is_better=True)
-            t_save = timed(lazy.save, img.ref, bench.work / "lazy.tar")
-            t_save_plain = timed(plain.save, img.ref, bench.work / "plain.tar")
+            t_save, t_save_plain = cold["save"]
             bench.record("save", value=t_save, baseline=t_save_plain, unit="s",
-                         target="<= 1.5", lower_is_better=True)
-            (bench.work / "lazy.tar").unlink()
-            (bench.work / "plain.tar").unlink()
+                         target="<= 1.5", lower_is_better=True,
+                         note=f"podman save, cold store; medians of {READ_ROUNDS} rounds")
             measure_reads(bench, registry, img, plain)
 
 
-def measure_first_output(bench: Bench, registry: LocalRegistry, img: BenchImage,
-                         plain: PodmanEnv) -> tuple[float, float]:
-    """Medians of READ_ROUNDS rounds, each with a fresh (cold) store and a fresh lazy pull,
-    next to the same command on the normally pulled image (*plain*)."""
-    lazy_t: list[float] = []
-    plain_t: list[float] = []
+def measure_cold_rounds(bench: Bench, registry: LocalRegistry, img: BenchImage,
+                        plain: PodmanEnv) -> dict[str, tuple[float, float]]:
+    """first_output and save: medians of READ_ROUNDS rounds, each with a fresh (cold) store
+    and a fresh lazy pull, next to the same on the normally pulled image (*plain*).
+
+    {name: (store median, baseline median)}
+    """
+    got: dict[str, tuple[list[float], list[float]]] = {"first_output": ([], []), "save": ([], [])}
     for i in range(READ_ROUNDS):
         with bench.store() as store, \
-                bench.podman(registry, f"first-{i}", als=store.mountpoint) as lazy:
+                bench.podman(registry, f"cold-{i}", als=store.mountpoint) as lazy:
             lazy.pull(img.ref)
-            lazy_t.append(first_output(lazy, img.ref))
-            plain_t.append(first_output(plain, img.ref))
-    return statistics.median(lazy_t), statistics.median(plain_t)
+            got["first_output"][0].append(first_output(lazy, img.ref))
+            got["first_output"][1].append(first_output(plain, img.ref))
+            # save reads each layer's `blob`: the first read fetches and verifies it whole
+            got["save"][0].append(timed(lazy.save, img.ref, bench.work / "lazy.tar"))
+            got["save"][1].append(timed(plain.save, img.ref, bench.work / "plain.tar"))
+            (bench.work / "lazy.tar").unlink()
+            (bench.work / "plain.tar").unlink()
+    print(json.dumps({"cold_rounds": {k: [[round(x, 3) for x in v] for v in vs]
+                                      for k, vs in got.items()}}), flush=True)
+    return {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in got.items()}
 
 
 def measure_reads(bench: Bench, registry: LocalRegistry, img: BenchImage,

@@ -449,10 +449,11 @@ class RemoteLayer:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
+                # No fsync: a blob kept from an earlier run is re-hashed before use
+                # (_verified_on_disk), so one torn by a power loss is fetched again; syncing
+                # 100s of MB here would only delay the first byte podman save gets.
                 with open(tmp, "wb") as out:
                     self.source.download(out)
-                    out.flush()
-                    os.fsync(out.fileno())
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
