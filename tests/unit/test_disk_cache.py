@@ -149,15 +149,19 @@ def test_write_behind_queues_until_flush_and_serves_from_the_queue(tmp_path: Pat
     cache.close()
 
 
-def test_write_behind_writes_once_puts_pause(tmp_path: Path) -> None:
-    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=0.05)
-    data = b"q" * 5000
+def assert_written_by_the_writer(cache: DiskChunkCache, root: Path, data: bytes) -> None:
+    """Queue *data*, and see the writer thread (not a flush) put it on disk."""
     cache.put(entry(data), data)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 30  # a bound for a stuck writer, not a speed check
     while cache.pending and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert cache.pending == 0 and [p.read_bytes() for p in files_in(tmp_path)] == [data]
+    assert cache.pending == 0 and [p.read_bytes() for p in files_in(root)] == [data]
     cache.close()
+
+
+def test_write_behind_writes_once_puts_pause(tmp_path: Path) -> None:
+    cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=0.05)
+    assert_written_by_the_writer(cache, tmp_path, b"q" * 5000)
 
 
 def test_write_behind_does_not_wait_forever_for_a_pause(
@@ -167,13 +171,7 @@ def test_write_behind_does_not_wait_forever_for_a_pause(
     written once the oldest has waited WRITE_BEHIND_MAX_AGE."""
     monkeypatch.setattr(chunks_mod, "WRITE_BEHIND_MAX_AGE", 0.05)
     cache = DiskChunkCache(tmp_path, 1 << 20, write_behind_bytes=1 << 20, quiet=3600)
-    data = b"t" * 5000
-    cache.put(entry(data), data)
-    deadline = time.monotonic() + 30
-    while cache.pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert cache.pending == 0 and [p.read_bytes() for p in files_in(tmp_path)] == [data]
-    cache.close()
+    assert_written_by_the_writer(cache, tmp_path, b"t" * 5000)
 
 
 def test_write_behind_queue_is_bounded(tmp_path: Path) -> None:
