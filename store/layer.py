@@ -250,6 +250,8 @@ class RemoteLayer:
         read calls this) sees them busy and queues nothing, so at most READAHEAD_WINDOWS jobs
         per reader are ever outstanding.
         """
+        if self._closed:
+            return  # dropped or stopping: no new work
         windows: list[list[Chunk]] = [[]]
         span = 0
         for chunk in chunks[start:]:
@@ -264,8 +266,6 @@ class RemoteLayer:
                 span = chunk.blob_end - chunk.blob_offset
             windows[-1].append(chunk)
         assert self.readahead is not None
-        if self._closed:
-            return  # dropped or stopping: no new work
         for window in windows:
             if not window:
                 continue

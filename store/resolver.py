@@ -176,12 +176,11 @@ class Resolver:
     def _resolve(self, ref_text: str, key: str) -> LayerHandle:
         # A layer this resolve found may be dropped (its other paths released) before the
         # handle is stored: then the layer is opened afresh.
-        for _ in range(2):
+        while True:
             try:
                 return self._resolve_once(ref_text, key)
             except _LayerDropped:
-                continue
-        return self._resolve_once(ref_text, key)
+                continue  # the next attempt opens a new layer object, which nothing dropped
 
     def _resolve_once(self, ref_text: str, key: str) -> LayerHandle:
         recorded = self.state.get(ref_text, key) if self.state is not None else None

@@ -26,6 +26,7 @@ __all__ = [
     "decode_chunk",
     "inflate_prefix",
     "iter_members",
+    "read_exact",
     "DEFAULT_TAIL_GUESS",
     "DEFAULT_MAX_TOC_SIZE",
 ]
@@ -89,7 +90,7 @@ def read_toc_bytes(
         raise FooterError(f"blob of {blob_size} bytes is too small for eStargz")
     tail_len = min(max(tail_guess, FOOTER_SIZE), blob_size)
     tail_start = blob_size - tail_len
-    tail = _read_exact(read_at, tail_start, tail_len)
+    tail = read_exact(read_at, tail_start, tail_len)
     toc_offset, footer_size = detect_footer(tail)
     toc_end = blob_size - footer_size
     if toc_offset >= toc_end:
@@ -99,13 +100,14 @@ def read_toc_bytes(
     if toc_offset >= tail_start:
         compressed = tail[toc_offset - tail_start : toc_end - tail_start]
     else:
-        head = _read_exact(read_at, toc_offset, tail_start - toc_offset)
+        head = read_exact(read_at, toc_offset, tail_start - toc_offset)
         compressed = head + tail[: toc_end - tail_start]
     payload = _inflate_toc_member(compressed, max_toc_size + _TOC_TAR_SLACK)
     return TocBlob(toc_offset, footer_size, _toc_json_from_tar(payload, max_toc_size))
 
 
-def _read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
+def read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
+    """read_at(offset, length), refusing a short answer."""
     data = read_at(offset, length)
     if len(data) != length:
         raise FormatError(f"read_at({offset}, {length}) returned {len(data)} bytes")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from store.digest import Digest
 from store.errors import DigestMismatch, FooterError, FormatError, TocError
+from store.estargz.reader import ReadAt, read_exact
 from store.estargz.toc import Chunk, Toc
 from store.zstdchunked.footer import (
     MAX_FOOTER_FRAME,
@@ -45,8 +45,6 @@ __all__ = [
     "DEFAULT_MAX_TOC_SIZE",
     "DEFAULT_MAX_TAR_SPLIT_SIZE",
 ]
-
-ReadAt = Callable[[int, int], bytes]
 
 DEFAULT_TAIL_GUESS = 256 * 1024
 DEFAULT_MAX_TOC_SIZE = 150 << 20  # containers/storage's limit, compressed and uncompressed
@@ -108,16 +106,16 @@ def open_toc(
     if layout is not None:
         _check_layout(layout, blob_size, max_toc_size, max_tar_split_size)
         tail_start = layout.start()
-        tail = _read_exact(read_at, tail_start, blob_size - tail_start)
+        tail = read_exact(read_at, tail_start, blob_size - tail_start)
     else:
         tail_len = min(max(tail_guess, MAX_FOOTER_FRAME), blob_size)
         tail_start = blob_size - tail_len
-        tail = _read_exact(read_at, tail_start, tail_len)
+        tail = read_exact(read_at, tail_start, tail_len)
         layout = parse_footer(tail, blob_size)
         _check_layout(layout, blob_size, max_toc_size, max_tar_split_size)
         start = layout.start()
         if start < tail_start:
-            tail = _read_exact(read_at, start, tail_start - start) + tail
+            tail = read_exact(read_at, start, tail_start - start) + tail
             tail_start = start
 
     def section(sec: Section, what: str) -> bytes:
@@ -175,13 +173,6 @@ def _matches(digest: str, data: bytes) -> bool:
     except DigestMismatch:
         return False
     return True
-
-
-def _read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
-    data = read_at(offset, length)
-    if len(data) != length:
-        raise FormatError(f"read_at({offset}, {length}) returned {len(data)} bytes")
-    return bytes(data)
 
 
 # ---------------------------------------------------------------------------- chunks
@@ -287,7 +278,7 @@ def uncompressed_size(
         gaps.append((pos, ct.data_end))
     for request in _group(gaps, merge, request_limit):
         start, stop = request[0][0], request[-1][1]
-        raw = memoryview(_read_exact(read_at, start, stop - start))
+        raw = memoryview(read_exact(read_at, start, stop - start))
         for lo, hi in request:
             total += decompressed_length(raw[lo - start : hi - start], limit=_MAX_GAP_INFLATED)
     return total

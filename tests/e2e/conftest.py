@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import images
 from tests.harness.containerd import Containerd
-from tests.harness.podman import PodmanEnv
+from tests.harness.podman import PodmanEnv, cleanup_all
 from tests.harness.registry import LocalRegistry
 from tests.harness.store import StoreProcess
 
@@ -165,11 +165,4 @@ def podman_factory(tmp_path: Path, registry: LocalRegistry):
     try:
         yield make
     finally:
-        failures = []
-        for env in reversed(envs):
-            try:
-                env.cleanup()
-            except Exception as exc:  # clean up the others before reporting
-                failures.append(exc)
-        if failures:
-            raise failures[0]
+        cleanup_all(envs)

@@ -8,20 +8,18 @@ mounted with FUSE, for two eStargz producers: ctr-remote (`esgz-ctr`) and our ow
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import stat
 import statistics
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness import images
-from tests.harness.checks import assert_expected_tree, layer_gets
+from tests.harness.checks import assert_expected_tree, layer_gets, saved_layer_digests
 from tests.harness.images import TestImage
 from tests.harness.podman import PodmanEnv
 from tests.harness.procutil import wait_for
@@ -116,19 +114,8 @@ def test_save_layers_match_diff_ids(
 ) -> None:
     """`podman save` reads `blob` back: each layer tar in the archive hashes to its DiffID."""
     podman_store.pull(image.ref)
-    archive = podman_store.save(image.ref, tmp_path / "saved.tar")
-    with tarfile.open(archive) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))
-        assert len(manifest) == 1
-        config = json.load(tar.extractfile(manifest[0]["Config"]))
-        digests = []
-        for name in manifest[0]["Layers"]:
-            h = hashlib.sha256()
-            with tar.extractfile(name) as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            digests.append("sha256:" + h.hexdigest())
-    assert config["rootfs"]["diff_ids"] == image.diff_ids
+    diff_ids, digests = saved_layer_digests(podman_store.save(image.ref, tmp_path / "saved.tar"))
+    assert diff_ids == image.diff_ids
     assert digests == image.diff_ids
 
 

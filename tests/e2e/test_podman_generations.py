@@ -12,12 +12,10 @@ same tree. Each outcome is recorded for the README compatibility table (tests/ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import statistics
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,9 +24,14 @@ from pathlib import Path
 import pytest
 
 from tests.harness import compat, images
-from tests.harness.checks import assert_expected_tree, expected_key_kind, layer_gets
+from tests.harness.checks import (
+    assert_expected_tree,
+    expected_key_kind,
+    layer_gets,
+    saved_layer_digests,
+)
 from tests.harness.images import TestImage
-from tests.harness.podman import PodmanEnv
+from tests.harness.podman import PodmanEnv, cleanup_all
 from tests.harness.podman5 import ChrootPodman, host_podman_version, shared_chroot
 from tests.harness.registry import LocalRegistry
 from tests.harness.store import StoreProcess
@@ -129,14 +132,7 @@ def podman_envs() -> Iterator[list[PodmanEnv]]:
     try:
         yield envs
     finally:
-        failures = []
-        for env in reversed(envs):
-            try:
-                env.cleanup()
-            except Exception as exc:  # clean up the others before reporting
-                failures.append(exc)
-        if failures:
-            raise failures[0]
+        cleanup_all(envs)
 
 
 @pytest.fixture
@@ -184,22 +180,6 @@ def assert_lazy_pull(
         ])
     # images are addressed by name: under TOC keys the image ID is not the config digest
     assert env.inspect_image(img.ref)["Digest"] == img.manifest_digest
-
-
-def saved_layer_digests(archive: Path) -> tuple[list[str], list[str]]:
-    """(config diff_ids, sha256 of each layer tar) of a docker-archive."""
-    with tarfile.open(archive) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))
-        assert len(manifest) == 1
-        config = json.load(tar.extractfile(manifest[0]["Config"]))
-        digests = []
-        for name in manifest[0]["Layers"]:
-            h = hashlib.sha256()
-            with tar.extractfile(name) as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            digests.append("sha256:" + h.hexdigest())
-    return config["rootfs"]["diff_ids"], digests
 
 
 def cell(engine: Engine, img: TestImage, operation: str, **extra: object):

@@ -13,12 +13,8 @@ from tests.harness.store import StoreProcess
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreProcess]:
     work = tmp_path_factory.mktemp("store")
-    proc = StoreProcess(work / "root", work / "mnt")
-    try:
-        proc.start()
+    with StoreProcess(work / "root", work / "mnt") as proc:  # stopped even on failure
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

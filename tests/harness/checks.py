@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import tarfile
+from pathlib import Path
 
 from tests.harness import images
 from tests.harness.images import TestImage
@@ -36,3 +40,19 @@ def version_tuple(version: str) -> tuple[int, ...]:
 def expected_key_kind(version: str) -> str:
     """containers/storage asks an ALS by TOC digest from Podman 5.1 on, by blob digest before."""
     return "toc" if version_tuple(version) >= (5, 1) else "blob"
+
+
+def saved_layer_digests(archive: Path) -> tuple[list[str], list[str]]:
+    """(config diff_ids, sha256 of each layer tar) of a docker-archive."""
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+        assert len(manifest) == 1
+        config = json.load(tar.extractfile(manifest[0]["Config"]))
+        digests = []
+        for name in manifest[0]["Layers"]:
+            h = hashlib.sha256()
+            with tar.extractfile(name) as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            digests.append("sha256:" + h.hexdigest())
+    return config["rootfs"]["diff_ids"], digests

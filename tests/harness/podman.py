@@ -315,3 +315,15 @@ class PodmanEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def cleanup_all(envs: list[PodmanEnv]) -> None:
+    """Clean up every env (newest first), even if some fail; then raise the first failure."""
+    failures = []
+    for env in reversed(envs):
+        try:
+            env.cleanup()
+        except Exception as exc:  # clean up the others before reporting
+            failures.append(exc)
+    if failures:
+        raise failures[0]

@@ -158,12 +158,8 @@ def test_multi_platform_index(registry) -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreProcess]:
     work = tmp_path_factory.mktemp("convert-store")
-    proc = StoreProcess(work / "root", work / "mnt")
-    try:
-        proc.start()
+    with StoreProcess(work / "root", work / "mnt") as proc:  # stopped even on failure
         yield proc
-    finally:
-        proc.stop()
 
 
 def _tree_of(root: Path) -> tuple[dict[str, images.Entry], dict[str, dict[str, bytes]]]:
